@@ -1,0 +1,17 @@
+"""One exception type per kind of user mistake. The CLI prints `str(err)` as one line and exits 2."""
+
+
+class LatentgenError(Exception):
+    """Base class: a user-facing error whose message names the file, key or option at fault."""
+
+
+class CheckpointError(LatentgenError):
+    """A checkpoint file is missing, unsafe (pickle), corrupt, or does not match the architecture."""
+
+
+class ConfigError(LatentgenError):
+    """A model name, registry entry or option value is unknown or inconsistent."""
+
+
+class InputError(LatentgenError):
+    """An input image, mask, latent file or prompt line cannot be used."""
