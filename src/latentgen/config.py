@@ -1,0 +1,170 @@
+"""Typed model specs and the models.toml registry.
+
+A `ModelConfig` is everything needed to rebuild a latent diffusion model: the UNet, the first stage,
+the conditioning encoder, the noise schedule and how the three are wired (LDM's `conditioning_key`).
+Each part's own dataclass lives beside its module (unet.UNetConfig, autoencoder.AutoencoderConfig,
+conditioning.CondConfig); this file composes them, reads the original CompVis/Stability YAML layout
+(`model.params.unet_config.params` …), and resolves model names through models.toml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+# LDM calls the sqrt-linear schedule "linear"; diffusers (and we) call it "scaled_linear".
+_LDM_BETA_SCHEDULES = {"linear": "scaled_linear", "cosine": "cosine", "sqrt_linear": "linear"}
+PREDICTIONS = ("eps", "v")
+
+
+@dataclass
+class ModelConfig:
+    unet: Any  # unet.UNetConfig
+    first_stage: Any  # autoencoder.AutoencoderConfig
+    cond: Any  # conditioning.CondConfig
+    family: str = "ldm"  # sd1 | sd2 | ldm | latentgen
+    prediction: str = "eps"
+    prediction_source: str = "default"  # metadata | config | option | registry | guess | default
+    conditioning_key: str = "crossattn"  # crossattn | concat | hybrid | none
+    concat: str | None = None  # what the concat channels carry: "inpaint" | "lowres" | None
+    scale_factor: float = 0.18215
+    beta_schedule: str = "scaled_linear"
+    timesteps: int = 1000
+    linear_start: float = 0.00085
+    linear_end: float = 0.012
+    name: str | None = None
+    recommended: dict = field(default_factory=dict)  # steps, cfg, sampler, width, height
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for part in ("unet", "first_stage", "cond"):
+            out[part] = getattr(self, part).to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        from .autoencoder import AutoencoderConfig
+        from .conditioning import CondConfig
+        from .unet import UNetConfig
+
+        known = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        kw["unet"] = UNetConfig.from_dict(d["unet"])
+        kw["first_stage"] = AutoencoderConfig.from_dict(d["first_stage"])
+        kw["cond"] = CondConfig.from_dict(d["cond"])
+        return cls(**kw)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.first_stage.embed_dim
+
+    @property
+    def factor(self) -> int:
+        return self.first_stage.factor
+
+
+def ldm_params(ldm_config: dict) -> dict:
+    """The `model.params` dict of an original YAML/JSON config (accepts the nested or the bare form)."""
+    node = ldm_config.get("ldm_config", ldm_config)
+    node = node.get("model", node)
+    params = node.get("params", node)
+    if "unet_config" not in params:
+        raise ConfigError("config has no model.params.unet_config: pass an original LDM/SD YAML or JSON config")
+    return params
+
+
+def schedule_from_ldm(params: dict) -> dict:
+    sched = params.get("beta_schedule", "linear")
+    return {
+        "beta_schedule": _LDM_BETA_SCHEDULES.get(sched, sched),
+        "timesteps": int(params.get("timesteps", 1000)),
+        "linear_start": float(params.get("linear_start", 0.00085)),
+        "linear_end": float(params.get("linear_end", 0.012)),
+        "prediction": "v" if params.get("parameterization", "eps") == "v" else "eps",
+        "scale_factor": float(params.get("scale_factor", 1.0)),
+        "conditioning_key": params.get("conditioning_key") or "none",
+    }
+
+
+def read_config_file(path: str | Path) -> dict:
+    """Read an original LDM config (.yaml/.yml/.json). YAML needs PyYAML, which we do not require."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    if path.suffix.lower() == ".json":
+        import json
+
+        return json.loads(text)
+    try:
+        import yaml  # type: ignore[import-untyped]
+    except ImportError as e:
+        raise ConfigError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or pass the config as JSON") from e
+    return yaml.safe_load(text)
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+BUILTIN_PREFIX = "builtin:"
+
+
+def registry_paths() -> list[Path]:
+    """Where models.toml files are read from, later ones overriding earlier ones."""
+    paths = [Path(__file__).resolve().parents[2] / "models.toml"]  # a source checkout's top level
+    paths.append(Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "latentgen" / "models.toml")
+    paths.append(Path.cwd() / "models.toml")
+    if os.environ.get("LATENTGEN_MODELS"):
+        paths.append(Path(os.environ["LATENTGEN_MODELS"]))
+    seen, out = set(), []
+    for p in paths:
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+    return out
+
+
+def load_registry() -> dict:
+    """Merge every models.toml found: {"default": name, "models": {name: entry}}."""
+    reg: dict = {"default": None, "models": {}}
+    for path in registry_paths():
+        if not path.is_file():
+            continue
+        try:
+            data = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, OSError) as e:
+            raise ConfigError(f"{path}: not a valid models.toml ({e})") from e
+        if "default" in data:
+            reg["default"] = data["default"]
+        for name, entry in data.get("models", {}).items():
+            entry = dict(entry)
+            if "path" in entry and not str(entry["path"]).startswith(BUILTIN_PREFIX):
+                p = Path(os.path.expanduser(str(entry["path"])))
+                entry["path"] = str(p if p.is_absolute() else path.parent / p)
+            entry["registry"] = str(path)
+            reg["models"][name] = entry
+    return reg
+
+
+def resolve_model(name_or_path: str | None) -> tuple[str, dict]:
+    """A registry name or a path → (path, registry entry or {}). None means the registry default."""
+    reg = load_registry()
+    if name_or_path is None:
+        name_or_path = reg["default"]
+        if name_or_path is None:
+            raise ConfigError("no model given and models.toml names no default: pass --model NAME|PATH")
+    if name_or_path in reg["models"]:
+        entry = dict(reg["models"][name_or_path], name=name_or_path)
+        if "path" not in entry:
+            raise ConfigError(f"models.toml entry '{name_or_path}' has no path")
+        return str(entry["path"]), entry
+    p = Path(os.path.expanduser(name_or_path))
+    if p.exists() or os.sep in name_or_path or p.suffix:
+        return str(p), {}
+    names = ", ".join(sorted(reg["models"])) or "none"
+    raise ConfigError(f"unknown model '{name_or_path}': not a file and not in models.toml (known: {names})")
