@@ -32,8 +32,11 @@ def make_diffusers_folder(src, ldm_config, folder, *, text_heads, pad_token, sch
     vae.load_state_dict(convert_ldm_vae_checkpoint(ckpt, vae_cfg))
     text_sd = convert_ldm_clip_checkpoint(ckpt)
     text_sd.pop("text_model.embeddings.position_ids", None)
-    hidden = text_sd["text_model.embeddings.token_embedding.weight"].shape[1]
-    layers = 1 + max(int(k.split(".")[3]) for k in text_sd if k.startswith("text_model.encoder.layers."))
+    if not any(k.startswith("text_model.") for k in CLIPTextModel(CLIPTextConfig(num_hidden_layers=1, hidden_size=8,
+               intermediate_size=8, num_attention_heads=1)).state_dict()):  # transformers 5 dropped the nesting
+        text_sd = {k.removeprefix("text_model."): v for k, v in text_sd.items()}
+    hidden = ckpt["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"].shape[1]
+    layers = 1 + max(int(k.split(".")[5]) for k in ckpt if k.startswith("cond_stage_model.transformer.text_model.encoder.layers."))
     text = CLIPTextModel(CLIPTextConfig(
         vocab_size=49408, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
         num_attention_heads=text_heads, max_position_embeddings=77, hidden_act="quick_gelu"))  # fmt: skip
@@ -53,7 +56,7 @@ def test_diffusers_folder_equals_original_file(fixtures_dir, fixture_config, tmp
     src = fixtures_dir / "sd1-tiny.safetensors"
     folder = tmp_path / "sd1-diffusers"
     make_diffusers_folder(src, cfg["ldm_config"], folder, text_heads=4, pad_token="<|endoftext|>")
-    orig = load_model(str(src), overrides={"cond": {"num_attention_heads": 4}})
+    orig = load_model(str(src), config=cfg, overrides={"cond": {"num_attention_heads": 4}})
     dif = load_model(str(folder))
     assert dif.format == "diffusers" and dif.config.family == "sd1"
     assert dif.config.prediction == "eps" and dif.config.prediction_source == "config"

@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import ModelBundle
-from .denoiser import CFGDenoiser, Denoiser, get_sigmas, noise_for_img2img, prepare_noise, to_latent
+from .denoiser import (CFGDenoiser, Denoiser, get_sigmas, noise_for_img2img, prepare_noise, quantize_timesteps,
+                       strength_sigmas, to_latent)  # fmt: skip
 from .errors import ConfigError, InputError
-from .samplers import get_sampler
+from .samplers import get_sampler, randn
 
 
 @dataclass
@@ -42,21 +43,6 @@ class Settings:
 
 def generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-
-
-def randn(shape: tuple[int, ...], gens: list[torch.Generator], device, dtype=torch.float32) -> torch.Tensor:
-    """One CPU draw per image (device-independent; equals diffusers' randn_tensor with a generator list)."""
-    return torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32) for g in gens]).to(device, dtype)
-
-
-class BatchNoise:
-    """A `generator` for stochastic samplers that keeps one stream per image."""
-
-    def __init__(self, gens: list[torch.Generator]):
-        self.gens = gens
-
-    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
-        return randn(tuple(x.shape), self.gens, x.device, x.dtype)
 
 
 def check_size(bundle: ModelBundle, width: int, height: int) -> None:
@@ -103,7 +89,7 @@ def encode_prompts(bundle: ModelBundle, prompts: list, negatives: list, cfg: flo
 
 
 def _sample(bundle, x, sigmas, settings, cond, uncond, gens, callback, wrap=None):
-    den = Denoiser(bundle.unet, bundle.schedule, bundle.config.prediction)
+    den = Denoiser(bundle.unet, bundle.schedule, bundle.config.prediction, quantize=quantize_timesteps(settings.sampler))
     model = CFGDenoiser(den)
     if wrap is not None:
         model = wrap(model)
@@ -111,7 +97,7 @@ def _sample(bundle, x, sigmas, settings, cond, uncond, gens, callback, wrap=None
     extra = {"cond": cond, "uncond": uncond, "cond_scale": settings.cfg}
     opts = {"eta": settings.eta} if settings.sampler == "ddim" else {}
     with torch.no_grad():
-        return fn(model, x, sigmas, extra_args=extra, callback=callback, generator=BatchNoise(gens), **opts)
+        return fn(model, x, sigmas, extra_args=extra, callback=callback, generator=gens, **opts)
 
 
 def sigmas_for(bundle: ModelBundle, settings: Settings) -> torch.Tensor:
@@ -119,13 +105,12 @@ def sigmas_for(bundle: ModelBundle, settings: Settings) -> torch.Tensor:
                       karras=settings.karras)  # fmt: skip
 
 
-def tail(sigmas: torch.Tensor, steps: int, strength: float) -> torch.Tensor:
-    """img2img's σ tail, chosen as diffusers' get_timesteps does (SDEdit, Meng et al. 2021)."""
-    init = min(int(steps * strength), steps)
-    start = max(steps - init, 0)
-    if start >= steps:
-        raise ConfigError(f"--strength {strength} with {steps} steps leaves no step to run: raise either")
-    return sigmas[start:]
+def tail(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
+    """img2img's σ tail (SDEdit, Meng et al. 2021), as diffusers' get_timesteps picks it."""
+    out = strength_sigmas(sigmas, strength)
+    if len(out) < 2:
+        raise ConfigError(f"--strength {strength} with {len(sigmas) - 1} steps leaves no step to run: raise either")
+    return out
 
 
 def decode(bundle: ModelBundle, z: torch.Tensor) -> torch.Tensor:
@@ -172,7 +157,7 @@ def img2img(bundle: ModelBundle, images: torch.Tensor, prompts: list, negatives:
     check_size(bundle, images.shape[-1], images.shape[-2])
     gens = generators(seeds)
     z0 = encode(bundle, images, gens)
-    sigmas = tail(sigmas_for(bundle, settings), settings.steps, settings.strength)
+    sigmas = tail(sigmas_for(bundle, settings), settings.strength)
     noise = randn(tuple(z0.shape), gens, z0.device)
     x = noise_for_img2img(z0.float(), noise, sigmas[0])
     cond, uncond = encode_prompts(bundle, prompts, negatives, settings.cfg)
@@ -200,7 +185,7 @@ def inpaint(bundle: ModelBundle, images: torch.Tensor, masks: torch.Tensor, prom
     if bundle.config.concat == "inpaint":
         if settings.strength < 1.0:
             z0 = encode(bundle, images, gens)
-            sigmas = tail(sigmas, settings.steps, settings.strength)
+            sigmas = tail(sigmas, settings.strength)
             x = noise_for_img2img(z0.float(), randn(shape, gens, device), sigmas[0])
         else:
             x = prepare_noise(randn(shape, gens, device), sigmas, settings.sampler, settings.spacing)
@@ -216,7 +201,7 @@ def inpaint(bundle: ModelBundle, images: torch.Tensor, masks: torch.Tensor, prom
     if bundle.config.concat is not None:
         raise InputError(f"{bundle.config.name} is a super-resolution model: use `latentgen superres`")
     z0 = encode(bundle, images, gens).float()
-    sigmas = tail(sigmas, settings.steps, settings.strength)
+    sigmas = tail(sigmas, settings.strength)
     noise = randn(shape, gens, device)
     x = noise_for_img2img(z0, noise, sigmas[0])
     keep = 1.0 - F.interpolate(masks, size=shape[-2:], mode="bilinear", align_corners=False).to(device).clamp(0, 1)

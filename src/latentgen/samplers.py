@@ -26,15 +26,20 @@ import torch
 from .errors import ConfigError
 
 
-def _randn_like(x: torch.Tensor, generator) -> torch.Tensor:
-    """Unit noise of x's shape drawn on the CPU (one generator, or one per batch item) and moved to x."""
+def randn(shape, generator, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Unit noise drawn on the CPU (one generator, or one per batch item, as diffusers' randn_tensor with a
+    generator list), then moved to `device`: results do not depend on the device or the batch."""
     if isinstance(generator, (list, tuple)):
-        if len(generator) != x.shape[0]:
-            raise ConfigError(f"got {len(generator)} generators for a batch of {x.shape[0]}; pass one per image")
-        noise = torch.cat([torch.randn((1, *x.shape[1:]), generator=g) for g in generator])
+        if len(generator) != shape[0]:
+            raise ConfigError(f"got {len(generator)} generators for a batch of {shape[0]}; pass one per image")
+        noise = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generator])
     else:
-        noise = torch.randn(x.shape, generator=generator)
-    return noise.to(x.device, x.dtype)
+        noise = torch.randn(tuple(shape), generator=generator)
+    return noise.to(device, dtype)
+
+
+def _randn_like(x: torch.Tensor, generator) -> torch.Tensor:
+    return randn(x.shape, generator, x.device, x.dtype)
 
 
 def _denoise(model, x, sigma: float, extra_args, callback, i: int) -> torch.Tensor:

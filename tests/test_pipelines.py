@@ -1,0 +1,181 @@
+"""End to end against diffusers' pipelines on the same weights (tiny SD1-like and SD2-like (v) models made
+by the original code), the same seeds (CPU generators, one per image), scheduler and settings:
+8-bit images differ by at most 1 level on 99.9% of pixel values."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from latentgen import pipelines
+from latentgen.checkpoint import load_model
+from latentgen.pipelines import Settings
+
+diffusers = pytest.importorskip("diffusers")
+from test_diffusers_folder import make_diffusers_folder  # noqa: E402
+
+PROMPTS = ["a red circle above a blue square", "an oil painting of a lighthouse at night"]
+NEG = "blurry"
+
+
+@pytest.fixture(scope="module")
+def sd1(fixtures_dir, fixture_config, tmp_path_factory):
+    return _pair(fixtures_dir, fixture_config, tmp_path_factory, "sd1-tiny", {}, "<|endoftext|>", "epsilon")
+
+
+@pytest.fixture(scope="module")
+def sd2(fixtures_dir, fixture_config, tmp_path_factory):
+    return _pair(fixtures_dir, fixture_config, tmp_path_factory, "sd2-tiny", {}, "!", "v_prediction")
+
+
+def _pair(fixtures_dir, fixture_config, tmp_path_factory, name, _, pad, prediction):
+    """(our bundle from the original file, the diffusers components converted from the same file)."""
+    cfg = fixture_config(name)
+    bundle = load_model(str(fixtures_dir / f"{name}.safetensors"), config=cfg,
+                        overrides={"cond": {"num_attention_heads": 4}})  # fmt: skip
+    if name == "sd1-tiny":
+        folder = tmp_path_factory.mktemp(name) / "d"
+        unet, vae, text = make_diffusers_folder(fixtures_dir / f"{name}.safetensors", cfg["ldm_config"], folder,
+                                                text_heads=4, pad_token=pad)  # fmt: skip
+    else:
+        unet, vae, text = _sd2_components(fixtures_dir, cfg)
+    return bundle, unet, vae, text, prediction
+
+
+def _sd2_components(fixtures_dir, cfg):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint, create_unet_diffusers_config_from_ldm, create_vae_diffusers_config_from_ldm)  # fmt: skip
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    ckpt = load_file(str(fixtures_dir / "sd2-tiny.safetensors"))
+    ucfg = create_unet_diffusers_config_from_ldm(cfg["ldm_config"], ckpt)
+    unet = UNet2DConditionModel(**ucfg)
+    unet.load_state_dict(convert_ldm_unet_checkpoint(ckpt, ucfg))
+    vcfg = create_vae_diffusers_config_from_ldm(cfg["ldm_config"], ckpt)
+    vae = AutoencoderKL(**vcfg)
+    vae.load_state_dict(convert_ldm_vae_checkpoint(ckpt, vcfg))
+    te = cfg["text_encoder"]
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=te["width"], intermediate_size=4 * te["width"],
+                                        num_hidden_layers=te["layers"] - 1, num_attention_heads=te["heads"],
+                                        max_position_embeddings=77, hidden_act="gelu"))  # fmt: skip
+    sd = convert_open_clip_checkpoint(text, ckpt)
+    own = text.state_dict().keys()
+    if not any(k.startswith("text_model.") for k in own):  # transformers 5 dropped the nesting
+        sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
+    # diffusers keeps layers-1 blocks (SD2 uses the penultimate layer): the last block's keys are extra
+    last = f"encoder.layers.{te['layers'] - 1}."
+    extra = [k for k in sd if k not in own]
+    assert all(last in k or "position_ids" in k for k in extra), extra
+    sd = {k: v for k, v in sd.items() if k in own}
+    assert set(sd) == set(own) - {k for k in own if "position_ids" in k}
+    text.load_state_dict(sd, strict=False)
+    return unet, vae, text
+
+
+def _tokenizer(pad):
+    from latentgen.conditioning import clip_tokenizer
+
+    tok = copy.deepcopy(clip_tokenizer())  # the package caches one instance: never mutate it
+    tok.model_max_length = 77
+    if pad == 0:
+        tok.pad_token = "!"
+    return tok
+
+
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+}
+
+
+def _scheduler(sampler, karras, prediction):
+    cls, extra = SCHEDULERS[sampler]
+    kw = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+              timestep_spacing="leading", prediction_type=prediction, **extra)  # fmt: skip
+    if sampler == "ddim":
+        kw.update(clip_sample=False, set_alpha_to_one=False)
+    if karras:
+        kw["use_karras_sigmas"] = True
+    return getattr(diffusers, cls)(**kw)
+
+
+def _u8(x):
+    return (np.asarray(x) * 255).round().astype(np.int16)
+
+
+def assert_images_match(ours: torch.Tensor, theirs: np.ndarray):
+    a = _u8(ours.permute(0, 2, 3, 1).numpy())
+    b = _u8(theirs)
+    assert a.shape == b.shape
+    diff = np.abs(a - b)
+    assert (diff <= 1).mean() >= 0.999, f"max diff {diff.max()}, share within 1 level {(diff <= 1).mean():.4f}"
+
+
+def _sd_pipeline(kind, bundle_pack, sampler, karras):
+    bundle, unet, vae, text, prediction = bundle_pack
+    cls = {"txt2img": diffusers.StableDiffusionPipeline, "img2img": diffusers.StableDiffusionImg2ImgPipeline,
+           "inpaint": diffusers.StableDiffusionInpaintPipeline}[kind]  # fmt: skip
+    pad = 0 if bundle.config.cond.pad_token_id == 0 else 49407
+    return cls(vae=vae, text_encoder=text, tokenizer=_tokenizer(pad), unet=unet,
+               scheduler=_scheduler(sampler, karras, prediction), safety_checker=None, feature_extractor=None,
+               requires_safety_checker=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+@pytest.mark.parametrize("sampler,karras", [("ddim", False), ("euler", False), ("heun", False),
+                                            ("dpmpp_2m", False), ("dpmpp_2m", True)])
+def test_txt2img_matches_diffusers(request, family, sampler, karras):
+    pack = request.getfixturevalue(family)
+    bundle = pack[0]
+    seeds = [1234, 1235]
+    pipe = _sd_pipeline("txt2img", pack, sampler, karras)
+    ref = pipe(PROMPTS, negative_prompt=[NEG] * 2, height=16, width=16, num_inference_steps=8, guidance_scale=7.5,
+               generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], output_type="np").images  # fmt: skip
+    st = Settings(steps=8, sampler=sampler, karras=karras, spacing="leading", cfg=7.5)
+    ours = pipelines.txt2img(bundle, PROMPTS, [NEG] * 2, seeds, 16, 16, st)
+    assert_images_match(ours, ref)
+
+
+def _test_image(n=1, size=16):
+    g = torch.Generator().manual_seed(7)
+    base = torch.rand(n, 3, size // 4, size // 4, generator=g)
+    return torch.nn.functional.interpolate(base, size=(size, size), mode="bilinear")
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m"])
+def test_img2img_matches_diffusers(request, family, sampler):
+    pack = request.getfixturevalue(family)
+    img = _test_image()
+    seeds = [99]
+    pipe = _sd_pipeline("img2img", pack, sampler, False)
+    ref = pipe(PROMPTS[:1], image=img * 2 - 1, strength=0.6, num_inference_steps=10, guidance_scale=5.0,
+               negative_prompt=[NEG], generator=[torch.Generator("cpu").manual_seed(99)], output_type="np").images  # fmt: skip
+    st = Settings(steps=10, sampler=sampler, karras=False, spacing="leading", cfg=5.0, strength=0.6)
+    ours = pipelines.img2img(pack[0], img, PROMPTS[:1], [NEG], seeds, st)
+    assert_images_match(ours, ref)
+
+
+def test_seed_gives_same_image_at_any_batch_size(sd1):
+    st = Settings(steps=4, sampler="euler_a", karras=True, cfg=3.0)
+    both = pipelines.txt2img(sd1[0], PROMPTS, ["", ""], [5, 6], 16, 16, st)
+    second = pipelines.txt2img(sd1[0], PROMPTS[1:], [""], [6], 16, 16, st)
+    assert torch.allclose(both[1:], second, atol=1e-6)
+
+
+def test_bad_settings(sd1):
+    from latentgen.errors import ConfigError, InputError
+
+    with pytest.raises(InputError, match="multiple of the model's factor 2"):
+        pipelines.txt2img(sd1[0], ["x"], [""], [0], 15, 16, Settings(steps=2))
+    with pytest.raises(ConfigError, match="--steps"):
+        pipelines.txt2img(sd1[0], ["x"], [""], [0], 16, 16, Settings(steps=0))
+    with pytest.raises(ConfigError, match="unknown sampler"):
+        pipelines.txt2img(sd1[0], ["x"], [""], [0], 16, 16, Settings(sampler="nope"))
+    with pytest.raises(ConfigError, match="--strength"):
+        pipelines.img2img(sd1[0], _test_image(), ["x"], [""], [0], Settings(strength=1.5))
