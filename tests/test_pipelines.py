@@ -179,3 +179,68 @@ def test_bad_settings(sd1):
         pipelines.txt2img(sd1[0], ["x"], [""], [0], 16, 16, Settings(sampler="nope"))
     with pytest.raises(ConfigError, match="--strength"):
         pipelines.img2img(sd1[0], _test_image(), ["x"], [""], [0], Settings(strength=1.5))
+
+
+@pytest.fixture(scope="module")
+def sd1_inpaint(fixtures_dir, fixture_config, tmp_path_factory):
+    """sd1-tiny with a 9-channel (inpainting) first convolution: [latent, mask, masked-image latent]."""
+    import copy as _copy
+
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(fixtures_dir / "sd1-tiny.safetensors"))
+    w = sd["model.diffusion_model.input_blocks.0.0.weight"]
+    g = torch.Generator().manual_seed(3)
+    sd["model.diffusion_model.input_blocks.0.0.weight"] = torch.randn(w.shape[0], 9, 3, 3, generator=g) / 9
+    d = tmp_path_factory.mktemp("inpaint")
+    path = d / "sd1-inpaint-tiny.safetensors"
+    save_file(sd, str(path))
+    cfg = _copy.deepcopy(fixture_config("sd1-tiny"))
+    cfg["ldm_config"]["model"]["params"]["unet_config"]["params"]["in_channels"] = 9
+    cfg["ldm_config"]["model"]["params"]["conditioning_key"] = "hybrid"
+    bundle = load_model(str(path), config=cfg, overrides={"cond": {"num_attention_heads": 4}})
+    unet, vae, text = make_diffusers_folder(path, cfg["ldm_config"], d / "d", text_heads=4, pad_token="<|endoftext|>")
+    return bundle, unet, vae, text, "epsilon"
+
+
+def _mask(size=16):
+    m = torch.zeros(1, 1, size, size)
+    m[..., 4:12, 6:14] = 1
+    return m
+
+
+@pytest.mark.parametrize("sampler,strength", [("ddim", 1.0), ("euler", 1.0), ("dpmpp_2m", 0.8)])
+def test_inpaint_9_channel_matches_diffusers(sd1_inpaint, sampler, strength):
+    bundle = sd1_inpaint[0]
+    assert bundle.config.concat == "inpaint" and bundle.config.conditioning_key == "hybrid"
+    img, mask = _test_image(), _mask()
+    pipe = _sd_pipeline("inpaint", sd1_inpaint, sampler, False)
+    ref = pipe(PROMPTS[:1], image=img, mask_image=mask, height=16, width=16, strength=strength, num_inference_steps=10,
+               guidance_scale=6.0, negative_prompt=[NEG], generator=[torch.Generator("cpu").manual_seed(42)],
+               output_type="np").images  # fmt: skip
+    st = Settings(steps=10, sampler=sampler, karras=False, spacing="leading", cfg=6.0, strength=strength)
+    ours = pipelines.inpaint(bundle, img, mask, PROMPTS[:1], [NEG], [42], st)
+    assert_images_match(ours, ref)
+
+
+def test_inpaint_ordinary_model_keeps_known_region(sd1, monkeypatch):
+    """A 4-channel model: outside the mask the final latent is the original image's latent exactly, inside it
+    is repainted."""
+    img, mask = _test_image(), _mask()
+    seen = {}
+    monkeypatch.setattr(pipelines, "decode", lambda b, z: seen.setdefault("z", z))
+    st = Settings(steps=6, sampler="euler", karras=False, cfg=3.0, strength=1.0)
+    pipelines.inpaint(sd1[0], img, mask, ["x"], [""], [1], st)
+    z0 = pipelines.encode(sd1[0], img, pipelines.generators([1]))
+    small = torch.nn.functional.interpolate(mask, size=z0.shape[-2:], mode="bilinear")
+    known, masked = (small == 0).expand_as(z0), (small == 1).expand_as(z0)
+    assert known.any() and masked.any()
+    assert torch.allclose(seen["z"][known], z0[known], atol=1e-5)
+    assert (seen["z"][masked] - z0[masked]).abs().mean() > 0.1
+
+
+def test_inpaint_mask_size_mismatch(sd1):
+    from latentgen.errors import InputError
+
+    with pytest.raises(InputError, match="mask is 8x8 but the image is 16x16"):
+        pipelines.inpaint(sd1[0], _test_image(), torch.zeros(1, 1, 8, 8), ["x"], [""], [0], Settings(steps=2))

@@ -189,7 +189,7 @@ def inpaint(bundle: ModelBundle, images: torch.Tensor, masks: torch.Tensor, prom
             x = noise_for_img2img(z0.float(), randn(shape, gens, device), sigmas[0])
         else:
             x = prepare_noise(randn(shape, gens, device), sigmas, settings.sampler, settings.spacing)
-        masked = images * (masks < 0.5)
+        masked = images * (masks < 0.5) + 0.5 * (masks >= 0.5)  # repainted pixels → 0 in [-1, 1], as diffusers
         mz = encode(bundle, masked, gens)
         m = F.interpolate(masks, size=shape[-2:]).to(device, dtype)
         concat = torch.cat([m, mz.to(dtype)], dim=1)
