@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .autoencoder import DiagonalGaussian
 from .checkpoint import ModelBundle
 from .denoiser import (CFGDenoiser, Denoiser, get_sigmas, noise_for_img2img, prepare_noise, quantize_timesteps,
                        strength_sigmas, to_latent)  # fmt: skip
@@ -113,23 +114,127 @@ def tail(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
     return out
 
 
-def decode(bundle: ModelBundle, z: torch.Tensor) -> torch.Tensor:
+# ------------------------------------------------------------------------------ first stage, tiled
+
+AUTO_TILE = 96  # latent pixels (768 px at f=8): larger latents are decoded / encoded in tiles
+TILE_OVERLAP = 16  # latent pixels shared by neighbouring tiles, cross-faded with linear ramps
+MIN_TILE = 16
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA/MPS/CPU allocation failures, whatever type the backend raises."""
+    if isinstance(err, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    msg = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in msg or "not enough memory" in msg)
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Starts of tiles of side `tile` covering [0, length), neighbours sharing >= `overlap` samples."""
+    if length <= tile:
+        return [0]
+    return list(range(0, length - tile, tile - overlap)) + [length - tile]
+
+
+def ramp(start: int, size: int, length: int, width: int) -> torch.Tensor:
+    """Blend weights of one tile along one axis: 1 inside, a linear ramp over `width` samples on each side that
+    borders another tile (none at the image border), so the normalised sum cross-fades seamlessly."""
+    w = torch.ones(size)
+    width = min(width, size // 2)
+    if width > 0:
+        up = torch.arange(1, width + 1, dtype=torch.float32) / (width + 1)
+        if start > 0:
+            w[:width] = up
+        if start + size < length:
+            w[-width:] = torch.minimum(w[-width:], up.flip(0))
+    return w
+
+
+def blend_tiles(fn, x: torch.Tensor, tile: int, overlap: int, in_scale: int, out_scale: int) -> torch.Tensor:
+    """fn over overlapping tiles of x, blended. Tiles are laid out on the latent grid: a tile of side `tile`
+    latent pixels is `tile * in_scale` input and `tile * out_scale` output pixels (decode 1 → f, encode f → 1)."""
+    h, w = x.shape[-2] // in_scale, x.shape[-1] // in_scale
+    th, tw = min(tile, h), min(tile, w)
+    out = weight = None
+    for y in tile_starts(h, tile, overlap):
+        for x0 in tile_starts(w, tile, overlap):
+            piece = fn(x[..., y * in_scale : (y + th) * in_scale, x0 * in_scale : (x0 + tw) * in_scale])
+            if out is None:
+                out = torch.zeros((*piece.shape[:2], h * out_scale, w * out_scale), device=piece.device)
+                weight = torch.zeros((h * out_scale, w * out_scale), device=piece.device)
+            wy = ramp(y * out_scale, th * out_scale, h * out_scale, overlap * out_scale)
+            wx = ramp(x0 * out_scale, tw * out_scale, w * out_scale, overlap * out_scale)
+            wt = (wy[:, None] * wx[None, :]).to(piece.device)
+            ys, xs = slice(y * out_scale, (y + th) * out_scale), slice(x0 * out_scale, (x0 + tw) * out_scale)
+            out[..., ys, xs] += piece.float() * wt
+            weight[ys, xs] += wt
+    return (out / weight).to(piece.dtype)
+
+
+def _with_tiles(fn, x: torch.Tensor, latent_side: int, tile: int | None, overlap: int, in_scale: int,
+                out_scale: int, what: str) -> torch.Tensor:  # fmt: skip
+    """Whole when small, in tiles when large (tile=None: above AUTO_TILE; tile=0: never) or when the whole
+    input runs out of memory; tiles are halved while they still do."""
+    if tile is None:
+        tile = AUTO_TILE if latent_side > AUTO_TILE else 0
+    size = tile or latent_side
+    while True:
+        try:
+            if size >= latent_side:
+                return fn(x)
+            return blend_tiles(fn, x, size, min(overlap, size // 4), in_scale, out_scale)
+        except Exception as e:  # noqa: BLE001 - only allocation failures are retried
+            if not is_out_of_memory(e) or size <= MIN_TILE:
+                if is_out_of_memory(e):
+                    raise InputError(f"out of memory in the first stage's {what} even in {size}-latent-pixel tiles: "
+                                     "use a smaller image or --device cpu") from e  # fmt: skip
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            size = max(MIN_TILE, min(size, latent_side) // 2)
+
+
+def decode_latents(first_stage, z: torch.Tensor, *, tile: int | None = None, overlap: int = TILE_OVERLAP) -> torch.Tensor:
+    """Unscaled latent → image in about [-1, 1] (not clamped), tiled for large latents or on out-of-memory."""
+    p = next(first_stage.parameters())
+    z = z.to(p.device, p.dtype)
+    f = first_stage.config.factor
+    return _with_tiles(first_stage.decode_latent, z, max(z.shape[-2:]), tile, overlap, 1, f, "decoder")
+
+
+def encode_latents(first_stage, x: torch.Tensor, gens: list[torch.Generator] | None = None, *,
+                   tile: int | None = None, overlap: int = TILE_OVERLAP) -> torch.Tensor:  # fmt: skip
+    """Image in [-1, 1] → unscaled latent. KL: the posterior parameters are blended across tiles, then the
+    mode is taken, or one sample per image from its own generator (as diffusers' img2img)."""
+    p = next(first_stage.parameters())
+    x = x.to(p.device, p.dtype)
+    f = first_stage.config.factor
+
+    def params(part):
+        post = first_stage.encode(part)
+        return post.moments if isinstance(post, DiagonalGaussian) else post
+
+    raw = _with_tiles(params, x, max(x.shape[-2:]) // f, tile, overlap, f, 1, "encoder")
+    if first_stage.config.kind != "kl":
+        return raw
+    if gens is None:
+        return DiagonalGaussian(raw).mode()
+    return torch.cat([DiagonalGaussian(raw[i : i + 1]).sample(g) for i, g in enumerate(gens)])
+
+
+def decode(bundle: ModelBundle, z: torch.Tensor, tile: int | None = None) -> torch.Tensor:
     """Scaled latent → image in [0, 1] (as diffusers: (x/2 + 0.5).clamp(0, 1))."""
     with torch.no_grad():
-        img = bundle.first_stage.decode_latent(z / bundle.config.scale_factor)
+        img = decode_latents(bundle.first_stage, z / bundle.config.scale_factor, tile=tile)
     return (img.float() / 2 + 0.5).clamp(0, 1)
 
 
-def encode(bundle: ModelBundle, images: torch.Tensor, gens: list[torch.Generator] | None = None) -> torch.Tensor:
+def encode(bundle: ModelBundle, images: torch.Tensor, gens: list[torch.Generator] | None = None,
+           tile: int | None = None) -> torch.Tensor:  # fmt: skip
     """Images in [0, 1] → scaled latents. KL: a posterior sample drawn from each image's generator
     (as diffusers' img2img), or the mode without generators."""
-    device, dtype = _params(bundle)
-    x = (images * 2 - 1).to(device, dtype)
     with torch.no_grad():
-        if gens is None:
-            z = bundle.first_stage.encode_latent(x)
-        else:
-            z = torch.cat([bundle.first_stage.encode_latent(x[i : i + 1], generator=g, sample=True) for i, g in enumerate(gens)])
+        z = encode_latents(bundle.first_stage, images * 2 - 1, gens, tile=tile)
     return z * bundle.config.scale_factor
 
 
