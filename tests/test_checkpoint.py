@@ -180,3 +180,45 @@ def test_unknown_model_name_and_bad_prediction(fixtures_dir):
         load_model("no-such-model")
     with pytest.raises(ConfigError, match="--prediction"):
         load_model(str(fixtures_dir / "ldm-kl-bert-tiny.safetensors"), prediction="x0")
+
+
+def test_ema_weights(fixtures_dir, tmp_path):
+    """CompVis LitEma stores `model_ema.<name without dots>`: ignored by default, used with ema=True."""
+
+    def add_ema(sd):
+        for k in [k for k in sd if k.startswith("model.diffusion_model.")]:
+            sd["model_ema." + k[len("model."):].replace(".", "")] = sd[k] + 1.0
+        sd["model_ema.decay"] = torch.tensor(0.9999)
+        sd["model_ema.num_updates"] = torch.tensor(10, dtype=torch.int32)
+
+    p = _tiny_copy(fixtures_dir, tmp_path, add_ema)
+    ov = {"cond": {"num_attention_heads": 4}}
+    plain, ema = load_model(str(p), overrides=ov), load_model(str(p), overrides=ov, ema=True)
+    w = "out.2.weight"
+    assert torch.equal(ema.unet.state_dict()[w], plain.unet.state_dict()[w] + 1.0)
+
+    def drop_one(sd):
+        add_ema(sd)
+        sd.pop("model_ema.diffusion_modelout2weight")
+
+    p = _tiny_copy(fixtures_dir, tmp_path, drop_one)
+    with pytest.raises(CheckpointError, match="EMA weight model_ema.diffusion_modelout2weight is missing"):
+        load_model(str(p), overrides=ov, ema=True)
+
+
+def test_latentgen_format_round_trip(fixtures_dir, fixture_config, tmp_path):
+    """save_model writes the original layout + config JSON; the file then needs no config or overrides."""
+    from latentgen.checkpoint import save_model
+
+    b, ref, _ = load_fixture(fixtures_dir, fixture_config, "sd2-tiny")
+    out = tmp_path / "mine.safetensors"
+    save_model(out, b.config, b.unet, b.first_stage, b.cond)
+    again = load_model(str(out))
+    assert again.format == "latentgen" and again.config.prediction == "v"
+    assert again.config.prediction_source == "metadata"
+    with torch.no_grad():
+        close(again.unet(ref["in.unet.x"], ref["in.unet.t"], context=ref["in.unet.context"]), ref["out.unet.out"], 1e-5)
+        close(again.cond(ref["in.text.ids"]), ref["out.text.cond"], 1e-5)
+    # the file is also an ordinary original-layout checkpoint
+    raw = read_checkpoint(out)
+    assert any(k.startswith("cond_stage_model.") for k in raw.tensors)
