@@ -330,6 +330,9 @@ def detect_config(raw: RawCheckpoint, *, ldm_config: dict | None = None, overrid
         unet_cfg = UNetConfig.from_state_dict(unet_sd)
         fs_cfg = AutoencoderConfig.from_state_dict(fs_sd)
         cond_cfg = CondConfig.from_state_dict(cond_sd)
+        if cond_cfg.kind == "class" and unet_cfg.use_spatial_transformer:
+            # CompVis' class-conditional LDMs (cin256) use 32 channels per head, not SD's 8 heads
+            unet_cfg = replace(unet_cfg, num_heads=-1, num_head_channels=32)
     unet_cfg = replace(unet_cfg, **{**_unet_overrides_from_hints(raw.hints), **overrides.get("unet", {})})
     cond_cfg = replace(cond_cfg, **{**_cond_overrides_from_hints(raw.hints), **overrides.get("cond", {})})
 
@@ -509,6 +512,10 @@ def bundle_from_raw(
                      "pass --prediction eps|v if images look wrong")  # fmt: skip
 
     sd = raw.tensors
+    if dtype is not None:  # convert tensor by tensor, dropping each original: weights exist once in memory
+        for k, v in sd.items():
+            if v.is_floating_point() and v.dtype != dtype and k not in SCHEDULE_BUFFERS:
+                sd[k] = v.to(dtype)
     unet_sd, fs_sd, cond_sd = (split_prefix(sd, p) for p in (UNET_PREFIX, FIRST_STAGE_PREFIX, COND_PREFIX))
     if ema:
         unet_sd = _ema_unet(sd, unet_sd, path)
@@ -644,5 +651,5 @@ def load_first_stage(model: str | None, *, device="cpu") -> FirstStage:
     with empty_weights():
         module = build_autoencoder(cfg)
     load_strict(module, fs_sd, what="first stage", source=path, ignore=(r"loss\..*",))
-    module.eval().requires_grad_(False).to(device)
+    module.eval().requires_grad_(False).to(device=device, dtype=torch.float32)  # fp16/bf16 storage → float32
     return FirstStage(module, cfg, scale, name, device)

@@ -1,0 +1,315 @@
+"""train-ae / train-ldm on tiny models and 16 px shapes: losses fall, checkpoints load and sample, exact resume,
+2-process gloo data parallelism == one process, atomic checkpoints, Ctrl-C, and every bad-input path."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from latentgen import pipelines
+from latentgen.checkpoint import load_first_stage, load_model, read_safetensors
+from latentgen.errors import CheckpointError, ConfigError, InputError
+from latentgen.train import (AEOptions, LDMOptions, LPIPS, LaplacianPyramidLoss, load_lpips, read_state,
+                             train_autoencoder, train_ldm)  # fmt: skip
+
+TINY_AE = dict(size=16, f=2, ch=32, ch_mult=(1, 2), embed_dim=3, disc_layers=2, disc_ch=16, batch_size=4,
+               log_every=1000, save_every=1000)  # fmt: skip
+TINY_LDM = dict(size=16, model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,), num_head_channels=16,
+                text_dim=32, text_layers=1, text_heads=2, class_dim=32, log_every=1000, save_every=1000,
+                sample_steps=2)  # fmt: skip
+QUIET = dict(log=lambda msg: None)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest single-threaded on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def first_last(losses: list[dict], key: str, k: int = 5) -> tuple[float, float]:
+    vals = [row[key] for row in losses]
+    return sum(vals[:k]) / k, sum(vals[-k:]) / k
+
+
+@pytest.fixture(scope="module")
+def tiny_ae(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ae")
+    train_autoencoder(AEOptions(data="shapes:8", out=str(out), steps=3, lr=1e-3, disc_start=100, **TINY_AE), **QUIET)
+    return out / "autoencoder.safetensors"
+
+
+def ldm_opts(tmp_path: Path, ae: Path, **kw) -> LDMOptions:
+    base = dict(data="shapes:8", out=str(tmp_path / "run"), ae=str(ae), batch_size=4, steps=4, lr=1e-3, **TINY_LDM)
+    base.update(kw)
+    return LDMOptions(**base)
+
+
+# ------------------------------------------------------------------------------------------- train-ae
+
+
+def test_train_ae_kl_loss_falls_and_loads(tmp_path):
+    out = tmp_path / "kl"
+    res = train_autoencoder(AEOptions(data="shapes:4", out=str(out), steps=16, lr=2e-3, disc_start=10,
+                                      sample_every=16, **TINY_AE), **QUIET)  # fmt: skip
+    first, last = first_last(res.losses[:10], "rec", 3)  # before the discriminator starts
+    assert last < 0.7 * first, ([round(r["rec"], 3) for r in res.losses])
+    assert "g" in res.losses[-1] and "d" in res.losses[-1] and "g" not in res.losses[0]  # discriminator from step 10
+    tensors, meta = read_safetensors(out / "autoencoder.safetensors")
+    assert all(k.startswith("first_stage_model.") for k in tensors)
+    assert meta["perceptual_loss"] == "laplacian-pyramid-l1"
+    fs = load_first_stage(str(out / "autoencoder.safetensors"))
+    assert fs.cfg.kind == "kl" and fs.factor == 2
+    assert fs.scale_factor == pytest.approx(json.loads(meta["autoencoder"])["scale_factor"])
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    z = fs.encode_latent(x) * fs.scale_factor
+    assert z.shape == (2, 3, 8, 8) and fs.decode_scaled(z).shape == (2, 3, 16, 16)
+    assert (out / "samples" / "step-0000016.png").is_file()
+
+
+def test_train_ae_vq_via_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from latentgen.cli_train import train_ae
+    import typer
+
+    app = typer.Typer()
+    app.command("train-ae")(train_ae)
+    app.command("other")(lambda: None)
+    args = ["train-ae", "--data", "shapes:4", "--reg", "vq", "--f", "2", "--out", str(tmp_path / "vq"), "--size", "16",
+            "--steps", "12", "--batch-size", "4", "--ch", "32", "--ch-mult", "1,2", "--embed-dim", "3", "--n-embed",
+            "32", "--lr", "2e-3", "--disc-start", "100", "--log-every", "1"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().endswith("autoencoder.safetensors")
+    assert "perceptual loss: laplacian-pyramid-l1" in result.stderr and "it/s" in result.stderr
+    fs = load_first_stage(str(tmp_path / "vq" / "autoencoder.safetensors"))
+    assert fs.cfg.kind == "vq" and fs.cfg.n_embed == 32
+    state = read_state(tmp_path / "vq")
+    assert state.step == 12
+    recs = [{"rec": float(m)} for m in re.findall(r"  rec ([-+.e\d]+)", result.stderr)]
+    assert len(recs) == 12
+    first, last = first_last(recs, "rec", 4)
+    assert last < 0.7 * first, (first, last)
+
+
+# ------------------------------------------------------------------------------------------ train-ldm
+
+
+@pytest.mark.parametrize("cond", ["text", "class", "sr", "inpaint"])
+def test_train_ldm_loss_falls_and_samples(tmp_path, tiny_ae, cond):
+    opts = ldm_opts(tmp_path, tiny_ae, data="shapes:4", cond=cond, steps=20, lr=3e-3,
+                    prediction="v" if cond == "sr" else "eps")  # fmt: skip
+    res = train_ldm(opts, **QUIET)
+    first, last = first_last(res.losses, "loss")
+    assert last < 0.9 * first, (first, last)
+    bundle = load_model(str(res.model_path))
+    cfg = bundle.config
+    fs = load_first_stage(str(tiny_ae))
+    assert cfg.scale_factor != pytest.approx(fs.scale_factor)  # measured on the data, not copied
+    settings = pipelines.Settings(steps=2, cfg=2.0)
+    images = torch.rand(2, 3, 16, 16)
+    if cond == "sr":
+        assert cfg.concat == "lowres" and cfg.prediction == "v" and bundle.unet.config.in_channels == 6
+        img = pipelines.superres(bundle, images[:, :, :8, :8], [0, 1], settings)
+    elif cond == "inpaint":
+        assert cfg.concat == "inpaint" and cfg.cond.kind == "bert" and bundle.unet.config.in_channels == 7
+        masks = torch.zeros(2, 1, 16, 16)
+        masks[..., 4:12, 4:12] = 1
+        img = pipelines.inpaint(bundle, images, masks, ["a red circle"] * 2, ["", ""], [0, 1], settings)
+    elif cond == "class":
+        assert cfg.cond.kind == "class" and cfg.cond.null_label == 24
+        img = pipelines.txt2img(bundle, ["3", "7"], ["", ""], [0, 1], 16, 16, settings)
+    else:
+        assert cfg.cond.kind == "bert"
+        img = pipelines.txt2img(bundle, ["a red circle", "a blue square"], ["", ""], [0, 1], 16, 16, settings)
+    assert img.shape == (2, 3, 16, 16) and torch.isfinite(img).all()
+
+
+def _state_weights(folder: Path) -> dict:
+    return {k: v for k, v in read_state(folder).tensors.items() if k.startswith(("model.", "ema."))}
+
+
+def test_resume_is_exact(tmp_path, tiny_ae):
+    straight = train_ldm(ldm_opts(tmp_path, tiny_ae, cond="class", out=str(tmp_path / "a"), steps=6), **QUIET)
+    half = train_ldm(ldm_opts(tmp_path, tiny_ae, cond="class", out=str(tmp_path / "b"), steps=3), **QUIET)
+    rest = train_ldm(ldm_opts(tmp_path, tiny_ae, cond="class", out=None, resume=str(tmp_path / "b"), steps=6), **QUIET)
+    assert [r["step"] for r in rest.losses] == [4, 5, 6]
+    assert half.losses + rest.losses == straight.losses
+    a, b = _state_weights(tmp_path / "a"), _state_weights(tmp_path / "b")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_is_exact_autoencoder(tmp_path):
+    kw = dict(data="shapes:8", lr=1e-3, disc_start=2, **TINY_AE)
+    straight = train_autoencoder(AEOptions(out=str(tmp_path / "a"), steps=4, **kw), **QUIET)
+    half = train_autoencoder(AEOptions(out=str(tmp_path / "b"), steps=2, **kw), **QUIET)
+    rest = train_autoencoder(AEOptions(resume=str(tmp_path / "b"), steps=4, **kw), **QUIET)
+    assert half.losses + rest.losses == straight.losses
+    a, b = _state_weights(tmp_path / "a"), _state_weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+DDP_SCRIPT = """
+import sys
+from latentgen.train import LDMOptions, train_ldm
+opts = LDMOptions(**__import__("json").loads(sys.argv[1]))
+train_ldm(opts, log=lambda m: None)
+"""
+
+
+def test_two_gloo_processes_equal_one_process(tmp_path, tiny_ae):
+    kw = dict(cond="text", steps=3, batch_size=4, lr=1e-3, cond_drop=0.5)
+    one = ldm_opts(tmp_path, tiny_ae, out=str(tmp_path / "one"), micro_batch=2, **kw)
+    train_ldm(one, **QUIET)
+    two = dict(vars(ldm_opts(tmp_path, tiny_ae, out=str(tmp_path / "two"), **kw)))
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           json.dumps(two)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _state_weights(tmp_path / "one"), _state_weights(tmp_path / "two")
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst < 1e-5, worst
+    assert read_state(tmp_path / "two").step == 3
+
+
+# ----------------------------------------------------------------------------- crash safety, Ctrl-C
+
+
+def test_checkpoint_write_is_atomic_under_crash(tmp_path, tiny_ae, monkeypatch):
+    run = tmp_path / "run"
+    train_ldm(ldm_opts(tmp_path, tiny_ae, cond="class", steps=2, save_every=1), **QUIET)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+
+    import safetensors.torch
+
+    def crash(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise RuntimeError("simulated crash during write")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_ldm(ldm_opts(tmp_path, tiny_ae, cond="class", out=None, resume=str(run), steps=4, save_every=1), **QUIET)
+    monkeypatch.undo()
+    after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert after == before  # no temp files left, previous checkpoint untouched
+    assert read_state(run).step == 2
+    load_model(str(run / "model.safetensors"))
+
+
+def test_sigint_writes_checkpoint(tmp_path, tiny_ae):
+    def ctrl_c(step, terms):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    res = train_ldm(ldm_opts(tmp_path, tiny_ae, cond="none", steps=50), callback=ctrl_c, **QUIET)
+    assert res.interrupted and res.step == 2
+    assert read_state(tmp_path / "run").step == 2
+    load_model(str(tmp_path / "run" / "model.safetensors"))
+
+
+# ----------------------------------------------------------------------------------------- bad input
+
+
+def _write_png(path: Path, size: int) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (size, size), (200, 10, 10)).save(path)
+
+
+@pytest.mark.parametrize("case", ["empty", "unreadable", "small", "captions"])
+def test_bad_data_folders(tmp_path, tiny_ae, case):
+    data = tmp_path / "data"
+    data.mkdir()
+    if case == "unreadable":
+        (data / "a.png").write_bytes(b"not a png")
+    elif case == "small":
+        _write_png(data / "a.png", 8)
+    elif case == "captions":
+        _write_png(data / "a.png", 16)
+    match = {"empty": "has no images", "unreadable": "cannot read image", "small": "smaller than the training size",
+             "captions": "has no caption"}[case]  # fmt: skip
+    with pytest.raises(InputError, match=match) as err:
+        if case == "captions":
+            train_ldm(ldm_opts(tmp_path, tiny_ae, data=str(data), cond="text"), **QUIET)
+        else:
+            train_autoencoder(AEOptions(data=str(data), out=str(tmp_path / "run"), steps=1, **TINY_AE), **QUIET)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_ae_that_is_not_an_autoencoder(tmp_path):
+    bogus = tmp_path / "bogus.safetensors"
+    save_file({"some.weight": torch.zeros(2)}, str(bogus))
+    text = tmp_path / "notes.safetensors"
+    text.write_text("hello")
+    for path in (bogus, text):
+        with pytest.raises(CheckpointError, match="--ae") as err:
+            train_ldm(ldm_opts(tmp_path, path, cond="none"), **QUIET)
+        assert "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_with_other_options_and_occupied_out(tmp_path, tiny_ae):
+    train_ldm(ldm_opts(tmp_path, tiny_ae, cond="none", steps=1), **QUIET)
+    run = tmp_path / "run"
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match="--lr"):
+        train_ldm(ldm_opts(tmp_path, tiny_ae, cond="none", steps=2, lr=5e-4, out=None, resume=str(run)), **QUIET)
+    with pytest.raises(ConfigError, match="--cond"):
+        train_ldm(ldm_opts(tmp_path, tiny_ae, cond="class", steps=2, out=None, resume=str(run)), **QUIET)
+    with pytest.raises(ConfigError, match="autoencoder"):
+        train_autoencoder(AEOptions(data="shapes:8", resume=str(run), steps=2, **TINY_AE), **QUIET)
+    with pytest.raises(InputError, match="--resume .* or --overwrite"):
+        train_ldm(ldm_opts(tmp_path, tiny_ae, cond="none", steps=2), **QUIET)
+    with pytest.raises(CheckpointError, match="no state.safetensors"):
+        train_ldm(ldm_opts(tmp_path, tiny_ae, cond="none", steps=2, resume=str(tmp_path)), **QUIET)
+    after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert after == before
+
+
+# ------------------------------------------------------------------------------------ perceptual losses
+
+
+def test_lpips_loads_torchvision_vgg16_keys(tmp_path):
+    expected = {f"features.{i}.{w}" for i in (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28) for w in ("weight", "bias")}
+    lp = LPIPS()
+    assert set(lp.net.state_dict()) == expected
+    g = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(v.shape, generator=g) * 0.05 for k, v in lp.net.state_dict().items()}
+    sd["classifier.0.weight"] = torch.zeros(2, 2)  # the rest of a torchvision file is ignored
+    path = tmp_path / "vgg.safetensors"
+    save_file(sd, str(path))
+    uniform = load_lpips(str(path))
+    assert uniform.heads == "uniform"
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    assert uniform(x, x).abs().max() < 1e-6 and (uniform(x, y) > 0).all()
+    heads = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for i, c in enumerate((64, 128, 256, 512, 512))}
+    save_file({**sd, **heads}, str(path))
+    learned = load_lpips(str(path))
+    assert learned.heads == "lpips" and torch.equal(learned.lin3.model[1].weight, heads["lin3.model.1.weight"])
+    assert not torch.allclose(learned(x, y), uniform(x, y))
+
+
+def test_laplacian_pyramid_loss():
+    loss = LaplacianPyramidLoss()
+    x = torch.rand(2, 3, 16, 16)
+    assert loss(x, x).abs().max() == 0
+    shifted = loss(x, x + 0.1)  # a constant offset lives only in the coarsest level
+    assert torch.allclose(shifted.flatten(), torch.full((2,), 0.1), atol=1e-5)
