@@ -20,3 +20,10 @@ def fixture_config(fixtures_dir):
         return json.loads((fixtures_dir / f"{name}.json").read_text())
 
     return load
+
+
+def pytest_configure(config):
+    # Tiny models are faster on one thread, and a shared 2-core machine collapses under oversubscription.
+    import torch
+
+    torch.set_num_threads(1)

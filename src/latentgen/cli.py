@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
 
-from .errors import LatentgenError
+from .errors import CheckpointError, ConfigError, InputError, LatentgenError
 
 app = typer.Typer(
     add_completion=False,
@@ -33,11 +34,49 @@ def note(message: str, quiet: bool = False) -> None:
         print(f"latentgen: {message}", file=sys.stderr)
 
 
+def guarded(fn):
+    """Run a command with the CLI's error protocol: a LatentgenError becomes one line on stderr and exit 2;
+    a closed stdout (`| head`) exits 1 quietly; Ctrl-C exits 130. Typer reads the wrapped signature."""
+    import functools
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        import warnings
+
+        warnings.showwarning = _warning_as_note
+        try:
+            return fn(*args, **kwargs)
+        except LatentgenError as e:
+            fail(str(e))
+        except BrokenPipeError:
+            sys.stderr.close()
+            raise SystemExit(1) from None
+        except KeyboardInterrupt:
+            print("latentgen: interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
+
+    return run
+
+
+def _warning_as_note(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"latentgen: warning: {str(message).splitlines()[0] if str(message) else category.__name__}", file=sys.stderr)
+
+
+def command(name: str | None = None):
+    """`@command()` with the error protocol of `guarded`."""
+
+    def register(fn):
+        app.command(name)(guarded(fn))
+        return fn
+
+    return register
+
+
 PredictionOpt = typer.Option(None, "--prediction", help="Override what the model predicts: eps or v.")
 ConfigOpt = typer.Option(None, "--config", help="Original LDM/SD config (.yaml or .json) for this checkpoint.")
 
 
-@app.command()
+@command()
 def info(
     model: str = typer.Argument(..., help="Checkpoint file, diffusers folder or models.toml name."),
     prediction: Optional[str] = PredictionOpt,
@@ -73,7 +112,7 @@ def info(
         note(n)
 
 
-@app.command()
+@command()
 def models(as_json: bool = typer.Option(False, "--json", help="One JSON object per model.")) -> None:
     """List the models.toml registry and whether each entry resolves to a file on disk."""
     from pathlib import Path
@@ -136,9 +175,9 @@ def pick_device(device: str) -> str:
             return "mps"
         return "cpu"
     if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
-        raise UsageError(f"--device must be auto, cpu, cuda or mps, not '{device}'")
+        raise ConfigError(f"--device must be auto, cpu, cuda or mps, not '{device}'")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
+        raise ConfigError("--device cuda: no CUDA device is available")
     return device
 
 
@@ -162,12 +201,8 @@ def pick_dtype(dtype: str, device: str):
             return torch.bfloat16
         return torch.float32
     if dtype not in table:
-        raise UsageError(f"--dtype must be auto, fp32, bf16 or fp16, not '{dtype}'")
+        raise ConfigError(f"--dtype must be auto, fp32, bf16 or fp16, not '{dtype}'")
     return table[dtype]
-
-
-class UsageError(LatentgenError):
-    """A bad option value."""
 
 
 class Session:
@@ -184,10 +219,25 @@ class Session:
         if self.world > 1 and self.device == "cuda":
             self.device = f"cuda:{int_env('LOCAL_RANK', 0)}"
         self.dtype = pick_dtype(dtype, self.device)
-        self.bundle = load_model(model, prediction=prediction, config=config, ema=ema, device=self.device, dtype=self.dtype)
+        self.out = out or "out/{index:05d}-{seed}.png"
+        check_out_pattern(self.out, overwrite)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("gloo")
+        try:
+            self.bundle = load_model(model, prediction=prediction, config=config, ema=ema, device=self.device,
+                                     dtype=self.dtype)  # fmt: skip
+        except CheckpointError as e:
+            if model is not None:
+                raise
+            raise CheckpointError(f"default model unavailable ({e}): pass --model NAME|PATH "
+                                  "(python scripts/make_tiny_model.py tiny.safetensors makes a test model)") from e
         for n in self.bundle.notes:
             note(n, quiet)
-        self.out = out or f"out/{{index:05d}}-{{seed}}.png"
+        bp = Path(self.bundle.path)
+        self.model_path = str(bp.resolve()) if bp.exists() else self.bundle.path
         self.failed = 0
         self.records: list[dict] = []
         self.index = 0
@@ -229,7 +279,28 @@ class Session:
         try:
             return pattern.format(index=index, seed=seed, prompt=slugify(prompt), i=i, model=self.bundle.config.name)
         except (KeyError, IndexError, ValueError) as e:
-            raise UsageError(f"--out pattern '{pattern}' is invalid ({e}); fields: index, seed, prompt, i, model") from e
+            raise ConfigError(f"--out pattern '{pattern}' is invalid ({e}); fields: index, seed, prompt, i, model") from e
+
+    def read_items(self, prompt: Optional[str]) -> list[dict]:
+        """The batch; under torchrun rank 0 reads stdin and sends the items to every rank."""
+        if self.world == 1 or prompt != "-":
+            return read_items(prompt, self.quiet)
+        import torch.distributed as dist
+
+        box = [read_items(prompt, self.quiet) if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def check_outputs(self, items: list[dict], num: int) -> None:
+        """Usage errors found before any work: a fixed --out name for several images, or one that exists."""
+        total = sum(int(it.get("num", num)) for it in items if "out" not in it and "_error" not in it)
+        if total == 0 or has_fields(self.out):
+            return
+        if total > 1:
+            raise ConfigError(f"--out {self.out} names one file but {total} images are made: add a field, "
+                              "e.g. --out 'out/{index:05d}-{seed}.png'")  # fmt: skip
+        if not self.overwrite and Path(self.out).exists():
+            raise InputError(f"{self.out} exists: pass --overwrite to replace it")
 
     def emit(self, record: dict) -> None:
         if self.world > 1:
@@ -250,8 +321,6 @@ class Session:
         if self.world > 1:
             import torch.distributed as dist
 
-            if not dist.is_initialized():
-                dist.init_process_group("gloo")
             gathered: list = [None] * self.world
             dist.all_gather_object(gathered, self.records)
             self.records = []
@@ -270,6 +339,33 @@ class Session:
         from .images import save_png, to_pil
 
         save_png(to_pil(image), path, text=png_text(meta), overwrite=self.overwrite)
+
+
+def has_fields(pattern: str) -> bool:
+    return pattern.format(index=0, seed=0, prompt="p", i=0, model="m") != pattern if "{" in pattern else False
+
+
+def check_out_pattern(pattern: str, overwrite: bool) -> None:
+    """The output directory (the pattern's fixed part) must be creatable and writable before the model loads."""
+    import os
+    import tempfile
+
+    try:
+        probe = Path(pattern.format(index=0, seed=0, prompt="p", i=0, model="m"))
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"--out pattern '{pattern}' is invalid ({e}); fields: index, seed, prompt, i, model") from e
+    parent = probe.parent if str(probe.parent) else Path(".")
+    if "{" in str(Path(pattern).parent):  # the directory itself varies per image: check where it starts
+        parent = next(iter(Path(pattern).parents))
+        while "{" in str(parent):
+            parent = parent.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".latentgen-probe.", dir=parent)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise InputError(f"--out {pattern}: cannot write to directory {parent} ({e.strerror}); choose another --out") from e
 
 
 def int_env(name: str, default: int) -> int:
@@ -294,8 +390,7 @@ class Progress:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress as RP, TextColumn, TimeRemainingColumn
 
-        self.bar = RP(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.speed:.2f} step/s" if False else "[progress.percentage]{task.percentage:>3.0f}%"),
+        self.bar = RP(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), SpeedColumn(),
                       TimeRemainingColumn(), console=Console(stderr=True), transient=True)  # fmt: skip
         self.task = self.bar.add_task(label, total=total)
         self.bar.start()
@@ -307,6 +402,21 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+def SpeedColumn():
+    """A rich column: steps per second (seconds per step when slower than one a second)."""
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class _Speed(ProgressColumn):
+        def render(self, task) -> Text:
+            v = task.finished_speed or task.speed
+            if not v:
+                return Text("- step/s")
+            return Text(f"{v:.2f} step/s" if v >= 1 else f"{1 / v:.2f} s/step")
+
+    return _Speed()
 
 
 def png_text(meta: dict) -> dict[str, str]:
@@ -347,7 +457,7 @@ def read_items(prompt: Optional[str], quiet: bool) -> list[dict]:
         else:
             items.append({"prompt": line, "_line": n})
     if not items:
-        raise UsageError("no prompts on stdin")
+        raise ConfigError("no prompts on stdin")
     return items
 
 
@@ -390,7 +500,7 @@ def run_generation(sess: Session, items: list[dict], seed: int, num: int, make, 
             try:
                 path = sess.path_for(item.get("out") or sess.out, index=first + i, seed=s, prompt=label, i=i)
                 if n > 1 and "out" in item and "{" not in item["out"]:
-                    raise UsageError(f"item {k} makes {n} images but its out '{item['out']}' has no pattern field")
+                    raise ConfigError(f"item {k} makes {n} images but its out '{item['out']}' has no pattern field")
                 sess.save(img, path, rec)
                 sess.emit({**rec, "path": path, "seconds": round(dt, 3)})
             except LatentgenError as e:
@@ -404,14 +514,14 @@ def _recipe(path: Optional[str]) -> dict:
 
     text = read_png_text(path)
     if "latentgen" not in text:
-        raise UsageError(f"{path}: has no latentgen recipe (it was not made by latentgen)")
+        raise InputError(f"{path}: has no latentgen recipe (it was not made by latentgen)")
     try:
         return json.loads(text["latentgen"])
     except json.JSONDecodeError as e:
-        raise UsageError(f"{path}: damaged latentgen recipe ({e})") from e
+        raise InputError(f"{path}: damaged latentgen recipe ({e})") from e
 
 
-@app.command()
+@command()
 def txt2img(
     prompt: Optional[str] = typer.Argument(None, help="The prompt, or - to read prompts / JSON lines from stdin."),
     negative: Optional[str] = NegativeOpt, model: Optional[str] = ModelOpt, steps: Optional[int] = StepsOpt,
@@ -429,19 +539,30 @@ def txt2img(
         prompt = rec.get("prompt", "") if prompt is None else prompt
         negative = rec.get("negative", "") if negative is None else negative
         seed = rec.get("seed") if seed is None else seed
+        class_label = rec.get("class") if class_label is None else class_label
         model = model or rec.get("model_path") or rec.get("model")
-        dtype = rec.get("dtype_option", dtype) if dtype == "auto" else dtype
+        dtype = rec.get("dtype", dtype) if dtype == "auto" else dtype
         prediction = prediction or rec.get("prediction")
-    if num < 1:
-        raise UsageError(f"--num must be at least 1, not {num}")
+        ema = ema or bool(rec.get("ema"))
+    _check_num(num)
     sess = Session("txt2img", model, prediction, config, dtype, device, quiet, as_json, overwrite, out, ema)
     from . import pipelines
 
-    items = read_items(prompt, quiet)
-    base = base_seed(seed, quiet)
+    kind = sess.bundle.config.cond.kind
+    if sess.bundle.config.concat is not None:
+        task = "inpaint" if sess.bundle.config.concat == "inpaint" else "superres"
+        raise ConfigError(f"model {sess.bundle.config.name} is an {sess.bundle.config.concat} model: use `latentgen {task}`")
+    if kind == "class" and class_label is None and prompt != "-":
+        raise ConfigError(f"model {sess.bundle.config.name} is class-conditional: pass --class N "
+                          f"(0..{sess.bundle.config.cond.n_classes - 1})")  # fmt: skip
+    if kind in ("none", "class") and prompt not in (None, "", "-"):
+        note(f"model {sess.bundle.config.name} takes no text ({kind} conditioning): the prompt is only recorded", quiet)
+    items = sess.read_items(prompt)
+    sess.check_outputs(items, num)
     defaults = sess.settings(steps, sampler, karras, spacing, cfg, eta, recipe=rec)
     w0, h0 = sess.size(width, height, rec)
     pipelines.check_size(sess.bundle, w0, h0)
+    base = base_seed(seed, quiet)
 
     def make(item, seeds):
         st = sess.settings(item.get("steps", defaults.steps), item.get("sampler", defaults.sampler), defaults.karras,
@@ -449,19 +570,18 @@ def txt2img(
         w, h = int(item.get("width", w0)), int(item.get("height", h0))
         text = item.get("prompt", "")
         neg = item.get("negative", negative or "")
-        conds = [item.get("class", class_label)] * len(seeds) if sess.bundle.config.cond.kind == "class" else [text] * len(seeds)
-        if sess.bundle.config.cond.kind == "class" and conds[0] is None:
-            raise UsageError("this model is class-conditional: pass --class N")
-        bar = sess.progress(st.steps * 1, text[:40] or "txt2img")
+        conds = [item.get("class", class_label)] * len(seeds) if kind == "class" else [text] * len(seeds)
+        if kind == "class" and conds[0] is None:
+            raise ConfigError("this model is class-conditional: give the item a \"class\" or pass --class N")
+        bar = sess.progress(st.steps, text[:40] or "txt2img")
         try:
             imgs = pipelines.txt2img(sess.bundle, conds, [neg] * len(seeds), seeds, w, h, st, callback=bar)
         finally:
             bar.close()
         meta = {"task": "txt2img", "prompt": text, "negative": neg, "steps": st.steps, "sampler": st.sampler,
                 "karras": st.karras, "spacing": st.spacing, "cfg": st.cfg, "eta": st.eta, "width": w, "height": h,
-                "prediction": sess.bundle.config.prediction, "model_path": sess.bundle.path,
-                "dtype_option": dtype}  # fmt: skip
-        if sess.bundle.config.cond.kind == "class":
+                "prediction": sess.bundle.config.prediction, "model_path": sess.model_path, "ema": ema}  # fmt: skip
+        if kind == "class":
             meta["class"] = conds[0]
         return imgs, meta
 
@@ -469,13 +589,26 @@ def txt2img(
     sess.finish()
 
 
-def _load_input_image(path: str, sess: Session, *, resize_to=None):
+def _check_num(num: int) -> None:
+    if num < 1:
+        raise ConfigError(f"--num must be at least 1, not {num}")
+
+
+def _check_image_size(sess: Session, x, what: str, scale: int = 1) -> None:
+    """Image sides (× the model's upscaling) must be multiples of the model's size step."""
+    from .pipelines import size_multiple
+
+    m = size_multiple(sess.bundle) // scale
+    w, h = x.shape[-1], x.shape[-2]
+    if w % m or h % m:
+        raise InputError(f"{what} is {w}x{h}: both sides must be multiples of {m} for model {sess.bundle.config.name} "
+                         f"(crop or resize it, e.g. to {max(m, w // m * m)}x{max(m, h // m * m)})")  # fmt: skip
+
+
+def _load_input_image(path: str):
     from .images import load_image, to_tensor
 
-    im = load_image(path)
-    if resize_to is not None and im.size != resize_to:
-        im = im.resize(resize_to)
-    return to_tensor(im)
+    return to_tensor(load_image(path))
 
 
 def _parse_extend(extend: Optional[str]) -> tuple[int, int, int, int] | None:
@@ -486,7 +619,7 @@ def _parse_extend(extend: Optional[str]) -> tuple[int, int, int, int] | None:
         if len(vals) != 4 or min(vals) < 0:
             raise ValueError
     except ValueError:
-        raise UsageError(f"--extend must be four non-negative pixel counts L,T,R,B, not '{extend}'") from None
+        raise ConfigError(f"--extend must be four non-negative pixel counts L,T,R,B, not '{extend}'") from None
     return vals  # type: ignore[return-value]
 
 
@@ -500,7 +633,7 @@ def _outpaint_canvas(image, mask, extend):
     return image, mask
 
 
-@app.command()
+@command()
 def img2img(
     image: str = typer.Argument(..., help="Input image."),
     prompt: Optional[str] = typer.Argument(None, help="The prompt, or - for stdin."),
@@ -514,14 +647,19 @@ def img2img(
 ) -> None:
     """Change an image towards a prompt (SDEdit: encode, noise to the strength's σ, denoise the tail)."""
     _check_strength(strength)
+    _check_num(num)
+    init = _load_input_image(image)
     sess = Session("img2img", model, prediction, config, dtype, device, quiet, as_json, overwrite, out, ema)
     from . import pipelines
 
-    init = _load_input_image(image, sess)
-    pipelines.check_size(sess.bundle, init.shape[-1], init.shape[-2])
-    items = read_items(prompt, quiet)
-    base = base_seed(seed, quiet)
+    if sess.bundle.config.concat is not None:
+        raise ConfigError(f"model {sess.bundle.config.name} is an {sess.bundle.config.concat} model: img2img needs an "
+                          "ordinary text-to-image model (--model)")  # fmt: skip
+    _check_image_size(sess, init, image)
+    items = sess.read_items(prompt)
+    sess.check_outputs(items, num)
     defaults = sess.settings(steps, sampler, karras, spacing, cfg, eta, strength)
+    base = base_seed(seed, quiet)
 
     def make(item, seeds):
         st = sess.settings(item.get("steps", defaults.steps), item.get("sampler", defaults.sampler), defaults.karras,
@@ -537,7 +675,7 @@ def img2img(
         return imgs, {"task": "img2img", "prompt": text, "negative": neg, "steps": st.steps, "sampler": st.sampler,
                       "karras": st.karras, "spacing": st.spacing, "cfg": st.cfg, "eta": st.eta, "strength": st.strength,
                       "width": init.shape[-1], "height": init.shape[-2], "init_image": image,
-                      "prediction": sess.bundle.config.prediction, "model_path": sess.bundle.path}  # fmt: skip
+                      "prediction": sess.bundle.config.prediction, "model_path": sess.model_path}  # fmt: skip
 
     run_generation(sess, items, base, num, make, {})
     sess.finish()
@@ -545,10 +683,10 @@ def img2img(
 
 def _check_strength(strength: float) -> None:
     if not 0.0 < strength <= 1.0:
-        raise UsageError(f"--strength must be in (0, 1], not {strength}")
+        raise ConfigError(f"--strength must be in (0, 1], not {strength}")
 
 
-@app.command()
+@command()
 def inpaint(
     image: str = typer.Argument(..., help="Input image."),
     prompt: Optional[str] = typer.Argument(None, help="The prompt, or - for stdin."),
@@ -570,20 +708,19 @@ def inpaint(
     _check_strength(strength)
     ext = _parse_extend(extend)
     if mask is None and ext is None:
-        raise UsageError("inpaint needs --mask MASK or --extend L,T,R,B")
+        raise ConfigError("inpaint needs --mask MASK or --extend L,T,R,B")
     if mask_blur < 0:
-        raise UsageError(f"--mask-blur must be >= 0, not {mask_blur}")
-    sess = Session("inpaint", model, prediction, config, dtype, device, quiet, as_json, overwrite, out, ema)
-    from . import pipelines
+        raise ConfigError(f"--mask-blur must be >= 0, not {mask_blur}")
+    _check_num(num)
     from .images import load_image, to_tensor
 
-    init = _load_input_image(image, sess)
+    init = _load_input_image(image)
     if mask is not None:
         m_im = load_image(mask, mode="L")
         size = (init.shape[-1], init.shape[-2])
         if m_im.size != size:
             if not resize_mask:
-                raise UsageError(f"mask {mask} is {m_im.size[0]}x{m_im.size[1]} but the image is {size[0]}x{size[1]}: "
+                raise InputError(f"mask {mask} is {m_im.size[0]}x{m_im.size[1]} but the image is {size[0]}x{size[1]}: "
                                  "pass a mask of the same size or --resize-mask")  # fmt: skip
             m_im = m_im.resize(size)
         if mask_blur:
@@ -595,10 +732,16 @@ def inpaint(
         m = torch.zeros_like(init[:, :1])
     if ext is not None:
         init, m = _outpaint_canvas(init, m, ext)
-    pipelines.check_size(sess.bundle, init.shape[-1], init.shape[-2])
-    items = read_items(prompt, quiet)
-    base = base_seed(seed, quiet)
+    sess = Session("inpaint", model, prediction, config, dtype, device, quiet, as_json, overwrite, out, ema)
+    from . import pipelines
+
+    if sess.bundle.config.concat == "lowres":
+        raise ConfigError(f"model {sess.bundle.config.name} is a super-resolution model: use `latentgen superres`")
+    _check_image_size(sess, init, image + (f" extended by {extend}" if extend else ""))
+    items = sess.read_items(prompt)
+    sess.check_outputs(items, num)
     defaults = sess.settings(steps, sampler, karras, spacing, cfg, eta, strength)
+    base = base_seed(seed, quiet)
 
     def make(item, seeds):
         st = sess.settings(item.get("steps", defaults.steps), item.get("sampler", defaults.sampler), defaults.karras,
@@ -616,13 +759,13 @@ def inpaint(
                       "karras": st.karras, "spacing": st.spacing, "cfg": st.cfg, "eta": st.eta, "strength": st.strength,
                       "width": init.shape[-1], "height": init.shape[-2], "init_image": image, "mask": mask,
                       "mask_blur": mask_blur, "extend": extend, "prediction": sess.bundle.config.prediction,
-                      "model_path": sess.bundle.path}  # fmt: skip
+                      "model_path": sess.model_path}  # fmt: skip
 
     run_generation(sess, items, base, num, make, {})
     sess.finish()
 
 
-@app.command()
+@command()
 def superres(
     image: str = typer.Argument(..., help="Low-resolution input image."),
     scale: Optional[int] = typer.Option(None, "--scale", help="Upscaling factor; must equal the model's (4 for LDM-SR)."),
@@ -636,18 +779,21 @@ def superres(
     from .config import load_registry
 
     if model is None:
-        model = load_registry().get("superres_default") or model
+        model = load_registry().get("default_superres") or model
+    _check_num(num)
+    low = _load_input_image(image)
     sess = Session("superres", model, prediction, config, dtype, device, quiet, as_json, overwrite, out, ema)
     from . import pipelines
 
     if sess.bundle.config.concat != "lowres":
-        raise UsageError(f"model {sess.bundle.config.name} is not a super-resolution model (pass --model with an LDM-SR checkpoint)")
+        raise ConfigError(f"model {sess.bundle.config.name} is not a super-resolution model (pass --model with an LDM-SR checkpoint)")
     f = sess.bundle.config.factor
     if scale is not None and scale != f:
-        raise UsageError(f"--scale {scale}: model {sess.bundle.config.name} upscales by {f}")
-    low = _load_input_image(image, sess)
-    base = base_seed(seed, quiet)
+        raise ConfigError(f"--scale {scale}: model {sess.bundle.config.name} upscales by {f}")
+    _check_image_size(sess, low, image, scale=f)
+    sess.check_outputs([{}], num)
     defaults = sess.settings(steps, sampler, karras, spacing, 1.0, eta)
+    base = base_seed(seed, quiet)
 
     def make(item, seeds):
         bar = sess.progress(defaults.steps, "superres")
@@ -658,13 +804,13 @@ def superres(
         return imgs, {"task": "superres", "prompt": "", "steps": defaults.steps, "sampler": defaults.sampler,
                       "karras": defaults.karras, "spacing": defaults.spacing, "cfg": 1.0, "eta": defaults.eta,
                       "width": low.shape[-1] * f, "height": low.shape[-2] * f, "init_image": image,
-                      "prediction": sess.bundle.config.prediction, "model_path": sess.bundle.path}  # fmt: skip
+                      "prediction": sess.bundle.config.prediction, "model_path": sess.model_path}  # fmt: skip
 
     run_generation(sess, [{"prompt": ""}], base, num, make, {})
     sess.finish()
 
 
-@app.command()
+@command()
 def encode(
     image: str = typer.Argument(..., help="Image to encode."),
     out: str = typer.Option(..., "--out", "-o", help="Latent file to write (.safetensors)."),
@@ -678,19 +824,29 @@ def encode(
     from .checkpoint import load_first_stage, write_safetensors
     from .images import load_image, to_tensor
 
-    fs = load_first_stage(model, device=pick_device(device))
+    _check_single_out(out, overwrite)
     x = to_tensor(load_image(image))
+    fs = load_first_stage(model, device=pick_device(device))
+    from .pipelines import encode_latents
+
     f = fs.factor
     if x.shape[-1] % f or x.shape[-2] % f:
-        raise UsageError(f"{image} is {x.shape[-1]}x{x.shape[-2]}: both sides must be multiples of the factor {f}")
-    gen = torch.Generator("cpu").manual_seed(seed) if sample else None
+        raise InputError(f"{image} is {x.shape[-1]}x{x.shape[-2]}: both sides must be multiples of the model's "
+                         f"factor {f} (crop or resize it)")  # fmt: skip
+    gens = [torch.Generator("cpu").manual_seed(seed)] if sample else None
     with torch.no_grad():
-        z = fs.encode_latent((x * 2 - 1).to(fs.device), generator=gen, sample=sample) * fs.scale_factor
+        z = encode_latents(fs.module, x * 2 - 1, gens) * fs.scale_factor
     write_safetensors(out, {"latent": z.float().cpu()}, fs.latent_metadata(tuple(z.shape)), overwrite=overwrite)
     print(out)
 
 
-@app.command()
+def _check_single_out(out: str, overwrite: bool) -> None:
+    check_out_pattern(out, overwrite)
+    if not overwrite and Path(out).exists():
+        raise InputError(f"{out} exists: pass --overwrite to replace it")
+
+
+@command()
 def decode(
     latent: str = typer.Argument(..., help="Latent file written by `latentgen encode` (or any {latent: tensor})."),
     out: str = typer.Option(..., "--out", "-o", help="PNG to write."),
@@ -704,27 +860,45 @@ def decode(
 
     tensors, meta = read_safetensors(latent)
     if "latent" not in tensors:
-        raise UsageError(f"{latent}: no tensor named 'latent' (write it with `latentgen encode`)")
+        raise InputError(f"{latent}: no tensor named 'latent' (write it with `latentgen encode`)")
     z = tensors["latent"]
+    n = z.shape[0] if z.ndim == 4 else 1
+    paths = [out.format(i=i) for i in range(n)] if "{i" in out else [out]
+    if len(paths) != n:
+        raise ConfigError(f"{latent} holds {n} latents: give --out a {{i}} field, e.g. --out 'img-{{i}}.png'")
+    for p in paths:
+        _check_single_out(p, overwrite)
     fs = load_first_stage(model, device=pick_device(device))
     fs.check_latent(z, meta, latent)
+    from .pipelines import decode_latents
+
     with torch.no_grad():
-        img = fs.decode_scaled(z.to(fs.device))
-    save_png(to_pil(img[0]), out, text={"latentgen": json.dumps({"task": "decode", "latent": latent})},
-             overwrite=overwrite)  # fmt: skip
-    print(out)
+        img = (decode_latents(fs.module, z / fs.scale_factor).float() / 2 + 0.5).clamp(0, 1)
+    for p, im in zip(paths, img):
+        save_png(to_pil(im), p, text={"latentgen": json.dumps({"task": "decode", "latent": latent, "model": fs.name})},
+                 overwrite=overwrite)  # fmt: skip
+        print(p)
+
+
+def _register_training() -> None:
+    """train-ae / train-ldm from cli_train (written separately), imported only if it exists: it must not
+    import torch at module level, so that `latentgen --help` stays fast."""
+    from importlib.util import find_spec
+
+    if find_spec(f"{__package__}.cli_train") is None:
+        return
+    from . import cli_train
+
+    command("train-ae")(cli_train.train_ae)
+    command("train-ldm")(cli_train.train_ldm)
+
+
+_register_training()
 
 
 def main() -> None:
-    try:
-        app(standalone_mode=True)
-    except LatentgenError as e:
-        fail(str(e))
-    except BrokenPipeError:
-        raise SystemExit(1)
-    except KeyboardInterrupt:
-        print("latentgen: interrupted", file=sys.stderr)
-        raise SystemExit(130)
+    """The `latentgen` console script: every command already turns errors into one line + exit 2."""
+    guarded(app)()
 
 
 if __name__ == "__main__":

@@ -129,9 +129,13 @@ def registry_paths() -> list[Path]:
     return out
 
 
+BUILTIN_DEFAULTS = {"default": "builtin:default-txt2img", "default_superres": "builtin:default-superres"}
+
+
 def load_registry() -> dict:
-    """Merge every models.toml found: {"default": name, "models": {name: entry}}."""
-    reg: dict = {"default": None, "models": {}}
+    """Merge every models.toml found: {"default": name, "default_superres": name, "models": {name: entry}}.
+    Without a registry default, the models shipped inside the package are the defaults."""
+    reg: dict = {"default": None, "default_superres": None, "models": {}}
     for path in registry_paths():
         if not path.is_file():
             continue
@@ -139,8 +143,9 @@ def load_registry() -> dict:
             data = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, OSError) as e:
             raise ConfigError(f"{path}: not a valid models.toml ({e})") from e
-        if "default" in data:
-            reg["default"] = data["default"]
+        for key in ("default", "default_superres"):
+            if key in data:
+                reg[key] = data[key]
         for name, entry in data.get("models", {}).items():
             entry = dict(entry)
             if "path" in entry and not str(entry["path"]).startswith(BUILTIN_PREFIX):
@@ -151,13 +156,14 @@ def load_registry() -> dict:
     return reg
 
 
-def resolve_model(name_or_path: str | None) -> tuple[str, dict]:
-    """A registry name or a path → (path, registry entry or {}). None means the registry default."""
+def resolve_model(name_or_path: str | None, *, task: str = "default") -> tuple[str, dict]:
+    """A registry name or a path → (path, registry entry or {}). None means the default for the task
+    ("default" or "default_superres"): the registry's, else the model shipped inside the package."""
     reg = load_registry()
     if name_or_path is None:
-        name_or_path = reg["default"]
-        if name_or_path is None:
-            raise ConfigError("no model given and models.toml names no default: pass --model NAME|PATH")
+        name_or_path = reg[task] or BUILTIN_DEFAULTS[task]
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        return name_or_path, {"name": name_or_path[len(BUILTIN_PREFIX) :]}
     if name_or_path in reg["models"]:
         entry = dict(reg["models"][name_or_path], name=name_or_path)
         if "path" not in entry:

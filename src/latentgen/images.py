@@ -30,6 +30,9 @@ def atomic_path(path: str | Path, *, overwrite: bool = False):
     except OSError as e:
         raise InputError(f"cannot write to {parent}: {e.strerror}") from e
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should look like any new file
     try:
         yield Path(tmp)
         if not overwrite and path.exists():

@@ -46,11 +46,17 @@ def generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
 
 
+def size_multiple(bundle: ModelBundle) -> int:
+    """Image sides must be multiples of f (first stage) × 2^(levels-1) (the UNet halves the latent per level)."""
+    return bundle.config.factor * 2 ** (len(bundle.config.unet.channel_mult) - 1)
+
+
 def check_size(bundle: ModelBundle, width: int, height: int) -> None:
-    f = bundle.config.factor
+    m = size_multiple(bundle)
     for name, v in (("width", width), ("height", height)):
-        if v < f or v % f:
-            raise InputError(f"--{name} {v} is not a positive multiple of the model's factor {f}")
+        if v < m or v % m:
+            raise InputError(f"--{name} {v} is not a positive multiple of {m} (the model's factor "
+                             f"{bundle.config.factor} × the UNet's downsampling): use {max(m, v // m * m)}")  # fmt: skip
 
 
 def latent_shape(bundle: ModelBundle, n: int, width: int, height: int) -> tuple[int, ...]:
@@ -78,6 +84,8 @@ def encode_prompts(bundle: ModelBundle, prompts: list, negatives: list, cfg: flo
         cond = {"context": cond_mod.encode(labels).to(dtype)}
         if cfg == 1.0:
             return cond, None
+        if cond_mod.null_label is None:
+            raise ConfigError(f"{bundle.config.name} has no null class to guide against: pass --cfg 1")
         null = torch.full_like(labels, cond_mod.null_label)
         return cond, {"context": cond_mod.encode(null).to(dtype)}
     with torch.no_grad():

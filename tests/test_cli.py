@@ -1,0 +1,302 @@
+"""The `latentgen` command line, through the real Typer app (CliRunner) and, for exit codes, stderr and
+torchrun, through subprocesses. Images made by the CLI are compared with the pipelines (which
+tests/test_pipelines.py checks against diffusers) on the same seeds."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from latentgen import pipelines
+from latentgen.checkpoint import load_model
+from latentgen.cli import app
+from latentgen.images import read_png_text, to_pil
+from latentgen.pipelines import Settings
+from tiny_models import bert_from_fixture, random_model, sd1_from_fixture
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, fixtures_dir, fixture_config):
+    d = tmp_path_factory.mktemp("models")
+    out = {k: str(random_model(k, d / f"{k}.safetensors", seed=i)) for i, k in enumerate(("class", "uncond", "sr", "inpaint"))}
+    out["other"] = str(random_model("uncond", d / "other.safetensors", seed=9))  # another first stage
+    out["sd1"] = str(sd1_from_fixture(fixtures_dir, fixture_config, d / "sd1.safetensors"))
+    out["bert"] = str(bert_from_fixture(fixtures_dir, fixture_config, d / "bert.safetensors"))
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is ~40x faster than contending threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    return tmp_path
+
+
+def cli(*args, input=None):
+    return CliRunner().invoke(app, [str(a) for a in args], input=input)
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def save_image(path, size=(16, 16), seed=0, mode="RGB"):
+    rng = np.random.default_rng(seed)
+    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(path)
+    return str(path)
+
+
+def json_lines(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines()]
+
+
+# ------------------------------------------------------------------------------------------ txt2img
+
+
+def test_txt2img_images_records_and_metadata_match_pipeline(models):
+    r = cli("txt2img", "a red circle", "--model", models["sd1"], "--seed", 7, "--num", 2, "--json",
+            "--out", "o/{index:03d}-{seed}-{prompt}.png", "--negative", "blurry")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    recs = json_lines(r.stdout)  # stdout: only the results
+    assert [x["seed"] for x in recs] == [7, 8] and [x["index"] for x in recs] == [0, 1]
+    assert recs[0]["path"] == "o/000-7-a-red-circle.png"
+    assert recs[0]["steps"] == 2 and recs[0]["sampler"] == "dpmpp_2m" and recs[0]["karras"] is True  # recommended
+    b = load_model(models["sd1"])
+    ref = pipelines.txt2img(b, ["a red circle"] * 2, ["blurry"] * 2, [7, 8], 16, 16, Settings(steps=2))
+    for rec, img in zip(recs, ref):
+        assert np.array_equal(pixels(rec["path"]), np.asarray(to_pil(img)))
+    text = read_png_text(recs[1]["path"])
+    params = text["parameters"].splitlines()
+    assert params[0] == "a red circle" and params[1] == "Negative prompt: blurry"
+    for field in ("Steps: 2", "Sampler: DPM++ 2M Karras", "CFG scale: 7.5", "Seed: 8", "Size: 16x16",
+                  f"Model hash: {recs[1]['model_hash']}", "Model: sd1-tiny"):  # fmt: skip
+        assert field in params[2]
+    recipe = json.loads(text["latentgen"])
+    assert {k: v for k, v in recs[1].items() if k not in ("path", "seconds")} == recipe
+
+
+def test_recipe_regenerates_bit_exactly(models):
+    r = cli("txt2img", "a lighthouse", "--model", models["sd1"], "--seed", 3, "--num", 2, "--sampler", "euler_a",
+            "--cfg", 4, "--no-karras", "--width", 24, "--out", "a{i}.png")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    r2 = cli("txt2img", "--recipe", "a1.png", "--out", "b.png")
+    assert r2.exit_code == 0, r2.stderr
+    assert np.array_equal(pixels("a1.png"), pixels("b.png"))
+    assert pixels("b.png").shape == (16, 24, 3)
+    assert not np.array_equal(pixels("a0.png"), pixels("b.png"))  # image 1 used seed S+1
+
+
+def test_stdin_batch_streams_results_and_reports_bad_lines(models):
+    lines = ['a cat', '{"prompt": "a dog", "seed": 100, "out": "dog.png"}', '{bad json', '{"prompt": "x", "what": 1}',
+             '', '{"prompt": "a fox", "num": 2, "cfg": 1}']  # fmt: skip
+    r = cli("txt2img", "-", "--model", models["sd1"], "--seed", 10, "--json", "--out", "o/{index}-{seed}.png",
+            input="\n".join(lines) + "\n")  # fmt: skip
+    assert r.exit_code == 1  # some items failed, the batch went on
+    recs = json_lines(r.stdout)
+    ok = [x for x in recs if "error" not in x]
+    assert [(x["prompt"], x["seed"], x["path"]) for x in ok] == [
+        ("a cat", 10, "o/0-10.png"), ("a dog", 100, "dog.png"), ("a fox", 14, "o/4-14.png"), ("a fox", 15, "o/5-15.png")]
+    assert ok[2]["cfg"] == 1.0
+    errors = [x for x in recs if "error" in x]
+    assert len(errors) == 2 and "stdin line 3" in errors[0]["error"] and "unknown keys" in errors[1]["error"]
+    assert len(r.stderr.strip().splitlines()) == 2  # one line per failure, nothing else with a seed given
+    assert all(Path(x["path"]).is_file() for x in ok)
+    # an image of the batch is reproduced alone from its seed
+    alone = cli("txt2img", "a fox", "--model", models["sd1"], "--seed", 15, "--cfg", 1, "--out", "alone.png")
+    assert alone.exit_code == 0 and np.array_equal(pixels("alone.png"), pixels("o/5-15.png"))
+
+
+def test_plain_output_seed_note_and_quiet(models):
+    r = cli("txt2img", "hi", "--model", models["sd1"], "--out", "x.png")
+    assert r.exit_code == 0 and r.stdout == "x.png\n"
+    seed = int(r.stderr.split("seed ")[1].split()[0])  # a random seed is always printed ...
+    assert json.loads(read_png_text("x.png")["latentgen"])["seed"] == seed  # ... and recorded
+    q = cli("txt2img", "hi", "--model", models["sd1"], "--out", "y.png", "--quiet")
+    assert q.exit_code == 0 and q.stderr == ""
+
+
+def test_existing_output_needs_overwrite(models):
+    Path("keep.png").write_bytes(b"precious")
+    r = cli("txt2img", "hi", "--model", models["sd1"], "--seed", 1, "--out", "keep.png")
+    assert r.exit_code == 2 and "--overwrite" in r.stderr and Path("keep.png").read_bytes() == b"precious"
+    r = cli("txt2img", "hi", "--model", models["sd1"], "--seed", 1, "--out", "keep.png", "--overwrite")
+    assert r.exit_code == 0 and pixels("keep.png").shape == (16, 16, 3)
+    assert not list(Path(".").glob(".keep.png.*"))  # no temporary file left behind
+
+
+# ---------------------------------------------------------------------------------------- families
+
+
+def test_class_conditional_and_unconditional_models(models):
+    r = cli("txt2img", "--model", models["class"], "--class", 3, "--seed", 5, "--cfg", 2, "--out", "c.png")
+    assert r.exit_code == 0, r.stderr
+    b = load_model(models["class"])
+    ref = pipelines.txt2img(b, [3], [""], [5], 16, 16, Settings(steps=2, cfg=2.0))  # CFG against the null class
+    assert np.array_equal(pixels("c.png"), np.asarray(to_pil(ref[0])))
+    assert json.loads(read_png_text("c.png")["latentgen"])["class"] == 3
+    missing = cli("txt2img", "--model", models["class"], "--out", "d.png")
+    assert missing.exit_code == 2 and "--class" in missing.stderr and not Path("d.png").exists()
+    u = cli("txt2img", "--model", models["uncond"], "--seed", 2, "--out", "u.png")
+    assert u.exit_code == 0, u.stderr
+    bu = load_model(models["uncond"])
+    ref = pipelines.txt2img(bu, [""], [""], [2], 16, 16, Settings(steps=2))
+    assert np.array_equal(pixels("u.png"), np.asarray(to_pil(ref[0])))
+
+
+def test_bert_model_takes_real_prompts(models):
+    r = cli("txt2img", "a painting of a tree", "--model", models["bert"], "--seed", 1, "--out", "t.png")
+    assert r.exit_code == 0, r.stderr
+    b = load_model(models["bert"])
+    ref = pipelines.txt2img(b, ["a painting of a tree"], [""], [1], 16, 16, Settings(steps=2))
+    assert np.array_equal(pixels("t.png"), np.asarray(to_pil(ref[0])))
+
+
+def test_img2img_inpaint_outpaint_superres(models):
+    img, mask = save_image("in.png"), save_image("mask.png", mode="L", seed=1)
+    r = cli("img2img", img, "a boat", "--model", models["sd1"], "--strength", 0.5, "--seed", 4, "--out", "i2i.png")
+    assert r.exit_code == 0, r.stderr
+    b = load_model(models["sd1"])
+    x = torch.from_numpy(pixels(img) / 255.0).float().permute(2, 0, 1)[None]
+    ref = pipelines.img2img(b, x, ["a boat"], [""], [4], Settings(steps=2, strength=0.5))
+    assert np.array_equal(pixels("i2i.png"), np.asarray(to_pil(ref[0])))
+    r = cli("inpaint", img, "--mask", mask, "a hat", "--model", models["inpaint"], "--seed", 1, "--out", "ip.png",
+            "--mask-blur", 1)  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    rec = json.loads(read_png_text("ip.png")["latentgen"])
+    assert rec["task"] == "inpaint" and rec["mask_blur"] == 1
+    r = cli("inpaint", img, "wider", "--extend", "4,0,4,4", "--model", models["inpaint"], "--seed", 1, "--out", "op.png")
+    assert r.exit_code == 0, r.stderr
+    assert pixels("op.png").shape == (20, 24, 3)
+    r = cli("superres", save_image("low.png", (8, 8)), "--model", models["sr"], "--scale", 2, "--seed", 0, "--out", "sr.png")
+    assert r.exit_code == 0, r.stderr
+    assert pixels("sr.png").shape == (16, 16, 3)
+
+
+# -------------------------------------------------------------------------------------- bad input
+
+
+BAD = {
+    "missing image": (["img2img", "nope.png", "x", "--model", "{sd1}"], "nope.png"),
+    "unreadable image": (["img2img", "junk.png", "x", "--model", "{sd1}"], "not a readable image"),
+    "mask size": (["inpaint", "in.png", "--mask", "small.png", "x", "--model", "{inpaint}"], "--resize-mask"),
+    "width": (["txt2img", "x", "--model", "{sd1}", "--width", "15"], "--width 15"),
+    "strength 0": (["img2img", "in.png", "x", "--strength", "0", "--model", "{sd1}"], "--strength"),
+    "strength 1.5": (["img2img", "in.png", "x", "--strength", "1.5", "--model", "{sd1}"], "--strength"),
+    "sampler": (["txt2img", "x", "--model", "{sd1}", "--sampler", "magic"], "magic"),
+    "model name": (["txt2img", "x", "--model", "no-such-model"], "no-such-model"),
+    "steps": (["txt2img", "x", "--model", "{sd1}", "--steps", "0"], "--steps"),
+    "out dir": (["txt2img", "x", "--model", "{sd1}", "--out", "afile/{index}.png"], "afile"),
+    "extend": (["inpaint", "in.png", "x", "--extend", "1,2,3", "--model", "{inpaint}"], "--extend"),
+    "class for txt2img": (["txt2img", "x", "--model", "{inpaint}"], "latentgen inpaint"),
+    "decode shape": (["decode", "bad.safetensors", "--out", "d.png", "--model", "{sd1}"], "shape"),
+    "recipe": (["txt2img", "--recipe", "in.png"], "no latentgen recipe"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_and_exit_2(models, case):
+    from safetensors.torch import save_file
+
+    save_image("in.png")
+    save_image("small.png", (8, 8), mode="L")
+    Path("junk.png").write_bytes(b"not an image")
+    Path("afile").write_text("a file, not a directory")
+    save_file({"latent": torch.zeros(1, 3, 4, 4)}, "bad.safetensors")
+    args, needle = BAD[case]
+    r = cli(*[a.format(**models) if a.startswith("{") and a.endswith("}") and "index" not in a else a for a in args])
+    assert r.exit_code == 2, (r.stdout, r.stderr, r.exception)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("latentgen: error:") and needle in lines[0], r.stderr
+    assert r.stdout == "" and not list(Path(".").glob("out/*")) and not Path("d.png").exists()
+
+
+def test_console_script_exit_codes_and_stderr(models, workdir):
+    env = {**os.environ, "XDG_CACHE_HOME": str(workdir / "cache")}
+    p = subprocess.run([sys.executable, "-m", "latentgen.cli", "txt2img", "x", "--model", "no-such-model"],
+                       capture_output=True, text=True, env=env)  # fmt: skip
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr and "no-such-model" in p.stderr
+    p = subprocess.run([sys.executable, "-c", "import sys, latentgen.cli; print('torch' in sys.modules)"],
+                       capture_output=True, text=True)  # fmt: skip
+    assert p.stdout.strip() == "False"  # --help stays fast: no torch import
+
+
+# ------------------------------------------------------------------------------- encode / decode / info
+
+
+def test_encode_decode_roundtrip_and_incompatible_first_stage(models):
+    img = save_image("in.png")
+    r = cli("encode", img, "--out", "z.safetensors", "--model", models["sd1"])
+    assert r.exit_code == 0 and r.stdout == "z.safetensors\n", r.stderr
+    with safe_open("z.safetensors", "pt") as f:
+        meta, z = f.metadata(), f.get_tensor("latent")
+    assert meta["model"] == "sd1" and float(meta["scale_factor"]) == pytest.approx(0.18215)
+    assert json.loads(meta["shape"]) == [1, 4, 8, 8] == list(z.shape)
+    b = load_model(models["sd1"])
+    x = torch.from_numpy(pixels(img) / 255.0).float().permute(2, 0, 1)[None]
+    assert torch.allclose(z, pipelines.encode(b, x), atol=1e-6)
+    r = cli("decode", "z.safetensors", "--out", "d.png", "--model", models["sd1"])
+    assert r.exit_code == 0, r.stderr
+    assert np.array_equal(pixels("d.png"), np.asarray(to_pil(pipelines.decode(b, z)[0])))
+    r = cli("decode", "z.safetensors", "--out", "e.png", "--model", models["other"])
+    assert r.exit_code == 2 and "another first stage" in r.stderr and not Path("e.png").exists()
+
+
+def test_info_and_models(models, workdir):
+    r = cli("info", models["class"], "--json")
+    assert r.exit_code == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["conditioning"] == "class" and d["factor"] == 2 and d["latent_channels"] == 4
+    (workdir / "models.toml").write_text(f'default = "mine"\n[models.mine]\npath = "{models["uncond"]}"\n'
+                                         '[models.gone]\npath = "/nowhere/x.safetensors"\n')  # fmt: skip
+    r = cli("models", "--json")
+    recs = {x["name"]: x for x in json_lines(r.stdout)}
+    assert recs["mine"]["present"] and recs["mine"]["default"] and not recs["gone"]["present"]
+    r = cli("txt2img", "--seed", 0, "--out", "default.png")  # the registry default, no --model
+    assert r.exit_code == 0 and Path("default.png").is_file(), r.stderr
+
+
+def test_no_default_model_says_pass_model():
+    r = cli("txt2img", "x")
+    assert r.exit_code == 2 and "--model" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------ torchrun
+
+
+def test_torchrun_two_cpu_ranks_split_items_and_records_are_complete(models, workdir):
+    env = {**os.environ, "XDG_CACHE_HOME": str(workdir / "cache"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "latentgen.cli", "txt2img", "-", "--model", models["sd1"], "--seed", "20", "--json", "--quiet",
+           "--out", "t/{index}.png"]  # fmt: skip
+    p = subprocess.run(cmd, input="a\nb\n{bad\nd\n", capture_output=True, text=True, env=env, timeout=120)
+    recs = json_lines("\n".join(line for line in p.stdout.splitlines() if line.startswith("{")))
+    assert p.returncode != 0  # one item failed (torchrun reports the worker's exit 1)
+    assert [x["index"] for x in recs] == [0, 1, 2, 3] and "error" in recs[2]
+    assert {x["device"] for x in recs if "error" not in x} == {"cpu"}
+    r = cli("txt2img", "d", "--model", models["sd1"], "--seed", 23, "--out", "single.png")
+    assert np.array_equal(pixels("single.png"), pixels("t/3.png"))  # rank 1 made it, identically
