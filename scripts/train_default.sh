@@ -10,19 +10,20 @@
 set -euo pipefail
 
 WORK=${1:-runs/default}
-AE_STEPS=${AE_STEPS:-1500}
-TXT_STEPS=${TXT_STEPS:-3000}
-SR_STEPS=${SR_STEPS:-1500}
-AE_BATCH=${AE_BATCH:-8}
+AE_STEPS=${AE_STEPS:-1400}
+TXT_STEPS=${TXT_STEPS:-@TXT@}
+SR_STEPS=${SR_STEPS:-@SR@}
+AE_BATCH=${AE_BATCH:-6}
 LDM_BATCH=${LDM_BATCH:-16}
-DISC_START=${DISC_START:-$((AE_STEPS * 2 / 3))}
+DISC_START=${DISC_START:-700}
 DATA=${DATA:-shapes:20000}
 SAVE_EVERY=${SAVE_EVERY:-500}
 SAMPLE_EVERY=${SAMPLE_EVERY:-1000}
 INSTALL=${INSTALL:-1}
 SAVE_DTYPE=${SAVE_DTYPE:-float16}
 LATENTGEN=${LATENTGEN:-"python -m latentgen.cli"}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+# One thread per process: on 2 shared cores, oversubscribed threads run several times slower.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ASSETS="$HERE/../src/latentgen/assets"
@@ -31,25 +32,26 @@ resume() { [ -f "$1/state.safetensors" ] && echo "--resume $1" || echo "--out $1
 
 echo "== 1/3 autoencoder ($AE_STEPS steps)" >&2
 $LATENTGEN train-ae --data "$DATA" --reg kl --f 4 $(resume "$WORK/ae") --size 64 \
-  --ch 32 --ch-mult 1,2,2 --num-res-blocks 1 --embed-dim 3 --save-dtype "$SAVE_DTYPE" \
-  --steps "$AE_STEPS" --batch-size "$AE_BATCH" --lr 2e-4 --warmup 100 \
-  --kl-weight 1e-6 --perceptual-weight 1.0 --disc-start "$DISC_START" --disc-weight 0.5 --disc-layers 3 --disc-ch 32 \
-  --ema-decay 0.999 --save-every "$SAVE_EVERY" --sample-every "$SAMPLE_EVERY" --log-every 50
+  --ch 32 --ch-mult 1,1,2 --num-res-blocks 1 --embed-dim 3 --save-dtype "$SAVE_DTYPE" \
+  --steps "$AE_STEPS" --batch-size "$AE_BATCH" --lr 4e-4 --warmup 50 \
+  --kl-weight 1e-6 --perceptual-weight 1.0 --disc-start "$DISC_START" --disc-weight 0.5 --disc-layers 2 --disc-ch 16 \
+  --ema-decay 0.995 --save-every "$SAVE_EVERY" --sample-every "$SAMPLE_EVERY" --log-every 25
 
-echo "== 2/3 text-to-image LDM ($TXT_STEPS steps)" >&2
+# Stages 2 and 3 only share the frozen autoencoder: they run side by side, one core each.
+echo "== 2/3 text-to-image LDM ($TXT_STEPS steps) and 3/3 super-resolution LDM ($SR_STEPS steps), in parallel" >&2
 $LATENTGEN train-ldm --data "$DATA" --ae "$WORK/ae/autoencoder.safetensors" --cond text $(resume "$WORK/txt2img") \
   --size 64 --prediction eps --cond-drop 0.1 \
-  --model-channels 32 --channel-mult 1,2,4 --num-res-blocks 1 --attention-resolutions 2,4 --num-head-channels 32 \
-  --text-dim 64 --text-layers 2 --text-heads 4 \
-  --steps "$TXT_STEPS" --batch-size "$LDM_BATCH" --lr 4e-4 --warmup 200 --ema-decay 0.999 \
-  --save-every "$SAVE_EVERY" --sample-every "$SAMPLE_EVERY" --log-every 50 --save-dtype "$SAVE_DTYPE"
-
-echo "== 3/3 super-resolution LDM ($SR_STEPS steps)" >&2
+  --model-channels 64 --channel-mult 1,2,2 --num-res-blocks 1 --attention-resolutions 2,4 --num-head-channels 32 \
+  --text-dim 128 --text-layers 2 --text-heads 4 \
+  --steps "$TXT_STEPS" --batch-size "$LDM_BATCH" --lr 5e-4 --warmup 100 --ema-decay 0.995 \
+  --save-every "$SAVE_EVERY" --sample-every "$SAMPLE_EVERY" --log-every 25 --save-dtype "$SAVE_DTYPE" &
+TXT_PID=$!
 $LATENTGEN train-ldm --data "$DATA" --ae "$WORK/ae/autoencoder.safetensors" --cond sr $(resume "$WORK/superres") \
   --size 64 --prediction eps \
-  --model-channels 32 --channel-mult 1,2,4 --num-res-blocks 1 --attention-resolutions 4 --num-head-channels 32 \
-  --steps "$SR_STEPS" --batch-size "$LDM_BATCH" --lr 4e-4 --warmup 200 --ema-decay 0.999 \
-  --save-every "$SAVE_EVERY" --sample-every "$SAMPLE_EVERY" --log-every 50 --save-dtype "$SAVE_DTYPE"
+  --model-channels 32 --channel-mult 1,2,2 --num-res-blocks 1 --attention-resolutions 4 --num-head-channels 32 \
+  --steps "$SR_STEPS" --batch-size "$LDM_BATCH" --lr 5e-4 --warmup 100 --ema-decay 0.995 \
+  --save-every "$SAVE_EVERY" --sample-every "$SAMPLE_EVERY" --log-every 25 --save-dtype "$SAVE_DTYPE"
+wait "$TXT_PID"
 
 if [ "$INSTALL" = 1 ]; then
   cp "$WORK/ae/autoencoder.safetensors" "$ASSETS/default-ae.safetensors"

@@ -244,3 +244,39 @@ def test_inpaint_mask_size_mismatch(sd1):
 
     with pytest.raises(InputError, match="mask is 8x8 but the image is 16x16"):
         pipelines.inpaint(sd1[0], _test_image(), torch.zeros(1, 1, 8, 8), ["x"], [""], [0], Settings(steps=2))
+
+
+def test_superres_matches_ldm_superresolution_pipeline(tmp_path):
+    """LDM-SR (VQ f=4 first stage, low-res image concatenated to the latent) against diffusers'
+    LDMSuperResolutionPipeline with DDIM, same weights and seed."""
+    from diffusers import DDIMScheduler, LDMSuperResolutionPipeline
+    from diffusers import VQModel as DiffusersVQ
+    from helpers_models import save_original_checkpoint, strip_prefix
+    from safetensors.torch import load_file
+    from test_autoencoder import VQ_F4, diffusers_config, make, vq_to_diffusers
+    from test_unet import LDM_SR, build, diffusers_unet2d
+
+    from latentgen.checkpoint import UNET_PREFIX, save_model
+    from latentgen.conditioning import CondConfig, build_conditioner
+    from latentgen.config import ModelConfig
+
+    unet, vq = build(LDM_SR, seed=31), make(VQ_F4, seed=32)
+    cfg = ModelConfig(unet=unet.config, first_stage=VQ_F4, cond=CondConfig(kind="none"), conditioning_key="concat",
+                      concat="lowres", scale_factor=1.0, linear_start=0.0015, linear_end=0.0155, name="tiny-ldm-sr")  # fmt: skip
+    save_model(tmp_path / "sr.safetensors", cfg, unet, vq, build_conditioner(cfg.cond))
+    bundle = load_model(str(tmp_path / "sr.safetensors"))
+
+    ckpt = load_file(save_original_checkpoint(tmp_path / "orig.safetensors", unet=unet, first_stage=vq))
+    ref_unet = diffusers_unet2d(LDM_SR, strip_prefix(ckpt, UNET_PREFIX))
+    config = diffusers_config(VQ_F4)
+    ref_vq = DiffusersVQ(**config, num_vq_embeddings=VQ_F4.n_embed, vq_embed_dim=VQ_F4.embed_dim).eval()
+    ref_vq.load_state_dict(vq_to_diffusers(ckpt, VQ_F4, config), strict=True)
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0155, steps_offset=1,
+                          clip_sample=False, set_alpha_to_one=False)  # fmt: skip
+    pipe = LDMSuperResolutionPipeline(vqvae=ref_vq, unet=ref_unet, scheduler=sched)
+    low = _test_image(size=16)
+    ref = pipe(image=low * 2 - 1, num_inference_steps=10, eta=0.0, generator=torch.Generator("cpu").manual_seed(8),
+               output_type="np").images  # fmt: skip
+    ours = pipelines.superres(bundle, low, [8], Settings(steps=10, sampler="ddim", karras=False, cfg=1.0))
+    assert ours.shape[-1] == 64
+    assert_images_match(ours, ref)
