@@ -280,9 +280,26 @@ def test_info_and_models(models, workdir):
     assert r.exit_code == 0 and Path("default.png").is_file(), r.stderr
 
 
-def test_no_default_model_says_pass_model():
+def test_no_default_model_says_pass_model(monkeypatch, workdir):
+    import latentgen.checkpoint
+
+    monkeypatch.setattr(latentgen.checkpoint, "builtin_dir", lambda: workdir / "no-assets")
     r = cli("txt2img", "x")
     assert r.exit_code == 2 and "--model" in r.stderr
+
+
+def test_shipped_default_models_work_with_no_options(workdir):
+    """A fresh install: txt2img, superres and encode/decode run on the models inside the package."""
+    r = cli("txt2img", "a red circle above a blue square", "--seed", "3", "--out", "c.png", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.strip() == "c.png" and Image.open("c.png").size == (64, 64)
+    Image.new("RGB", (16, 16), (200, 40, 40)).save("low.png")
+    r = cli("superres", "low.png", "--seed", "3", "--steps", "4", "--out", "up.png", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    assert Image.open("up.png").size == (64, 64)
+    assert cli("encode", "c.png", "--out", "z.safetensors").exit_code == 0
+    assert cli("decode", "z.safetensors", "--out", "d.png").exit_code == 0
+    assert Image.open("d.png").size == (64, 64)
 
 
 # ------------------------------------------------------------------------------------------ torchrun
