@@ -35,7 +35,8 @@ from importlib import resources
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import BertTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+# transformers is imported where it is used: its CLIP modules alone take seconds to import, and a BERT or
+# class-conditional model never needs them.
 
 from latentgen.errors import CheckpointError, ConfigError, InputError
 
@@ -324,6 +325,8 @@ def clip_tokenizer() -> CLIPTokenizer:
     open_clip's tokenizer does not do.
     """
     vocab, merges = clip_bpe_vocab()
+    from transformers.models.clip.tokenization_clip import CLIPTokenizer
+
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges))
 
 
@@ -332,6 +335,8 @@ def bert_tokenizer() -> BertTokenizer:
     """bert-base-uncased WordPiece (lower-case) on the shipped vocabulary, as CompVis ``BERTTokenizer``."""
     tokens = _asset_bytes("bert_vocab.txt").decode("utf-8").split("\n")
     vocab = {token: i for i, token in enumerate(tokens[:BERT_VOCAB_SIZE])}
+    from transformers.models.bert.tokenization_bert import BertTokenizer
+
     tok = BertTokenizer(vocab=vocab, do_lower_case=True)
     if len(tok) != BERT_VOCAB_SIZE or tok.cls_token_id != BERT_CLS or tok.sep_token_id != BERT_SEP:
         raise ConfigError(f"assets/bert_vocab.txt built a {len(tok)}-token vocabulary, not {BERT_VOCAB_SIZE}; "
@@ -504,6 +509,8 @@ class _TextModelNest(nn.Module):
 
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
+        from transformers.models.clip.modeling_clip import CLIPTextModel
+
         self.text_model = CLIPTextModel(config)
 
 
@@ -515,6 +522,9 @@ class CLIPEmbedder(_Conditioner):
 
     def __init__(self, cfg: CondConfig):
         super().__init__(cfg)
+        from transformers.models.clip.configuration_clip import CLIPTextConfig
+        from transformers.models.clip.modeling_clip import CLIPTextModel
+
         config = CLIPTextConfig(
             vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
             num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
