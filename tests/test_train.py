@@ -137,6 +137,55 @@ def test_train_ldm_loss_falls_and_samples(tmp_path, tiny_ae, cond):
     assert img.shape == (2, 3, 16, 16) and torch.isfinite(img).all()
 
 
+def test_cached_latents_match_encoding_every_step(tmp_path, tiny_ae, monkeypatch):
+    """--cache-latents keeps each item's posterior moments after its first epoch and only redraws the noise:
+    the same losses as encoding every step, with the encoder run once per item."""
+    from latentgen.autoencoder import AutoencoderKL
+
+    calls = []
+    encode = AutoencoderKL.encode
+    monkeypatch.setattr(AutoencoderKL, "encode", lambda self, x: calls.append(x.shape[0]) or encode(self, x))
+    runs = {}
+    for cache in (False, True):
+        calls.clear()
+        opts = ldm_opts(tmp_path, tiny_ae, cond="text", steps=4, out=str(tmp_path / f"c{cache}"), cache_latents=cache,
+                        scale_batches=1)  # fmt: skip
+        runs[cache] = (train_ldm(opts, **QUIET).losses, list(calls))
+    (plain, plain_calls), (cached, cached_calls) = runs[False], runs[True]
+    assert [r["loss"] for r in cached] == pytest.approx([r["loss"] for r in plain], rel=1e-5)
+    assert sum(plain_calls) == 4 + 4 * 4  # scale measurement + every step's batch of 4 (data: 8 items)
+    assert sum(cached_calls) == 4 + 8  # scale measurement + each of the 8 items once
+
+
+def test_lr_decay_and_text_length(tmp_path, tiny_ae):
+    from latentgen.train import lr_at
+
+    opts = ldm_opts(tmp_path, tiny_ae, cond="text", steps=100, warmup=10, lr_decay="cosine", text_length=16)
+    lrs = [lr_at(opts, s) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4 * 1.0) and lrs[9] < 1e-3  # warm-up
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # then a monotone decay ...
+    assert lrs[50] == pytest.approx(1e-3 * 0.55, rel=0.02) and lrs[99] == pytest.approx(1e-4, rel=0.01)  # to lr/10
+    assert lr_at(ldm_opts(tmp_path, tiny_ae, steps=100), 99) == 1e-3  # constant by default
+    res = train_ldm(ldm_opts(tmp_path, tiny_ae, cond="text", steps=1, lr_decay="cosine", text_length=16), **QUIET)
+    bundle = load_model(str(res.model_path))
+    assert bundle.config.cond.max_seq_len == 16 and bundle.cond.tokenize(["a red circle"]).shape == (1, 16)
+    with pytest.raises(ConfigError, match="--lr-decay"):
+        train_ldm(ldm_opts(tmp_path, tiny_ae, out=str(tmp_path / "x"), lr_decay="linear"), **QUIET)
+    assert not (tmp_path / "x").exists()
+
+
+def test_posterior_start(tmp_path, monkeypatch):
+    """Before --posterior-start the decoder gets the posterior mean (no sample drawn), after it samples."""
+    from latentgen.autoencoder import DiagonalGaussian
+
+    drawn = []
+    sample = DiagonalGaussian.sample
+    monkeypatch.setattr(DiagonalGaussian, "sample", lambda self, g=None: drawn.append(1) or sample(self, g))
+    train_autoencoder(AEOptions(data="shapes:8", out=str(tmp_path / "a"), steps=3, posterior_start=2,
+                                disc_start=100, **TINY_AE), **QUIET)  # fmt: skip
+    assert len(drawn) == 1  # step index 2 only
+
+
 def _state_weights(folder: Path) -> dict:
     return {k: v for k, v in read_state(folder).tensors.items() if k.startswith(("model.", "ema."))}
 

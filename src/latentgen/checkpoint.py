@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import BUILTIN_PREFIX, PREDICTIONS, ModelConfig, ldm_params, resolve_model, schedule_from_ldm
+from .config import (BUILTIN_PREFIX, PREDICTIONS, ModelConfig, ldm_params, low_scale_from_ldm, resolve_model,
+                     schedule_from_ldm)  # fmt: skip
 from .errors import CheckpointError, ConfigError
 
 UNET_PREFIX = "model.diffusion_model."
@@ -38,7 +39,13 @@ SCHEDULE_BUFFERS = {
 # training-only loss weights, EMA copies (used only with ema=True), the autoencoder's training losses,
 # the SD x4 upscaler's low-res noising schedule.
 IGNORED_KEYS = SCHEDULE_BUFFERS | {"lvlb_weights", "logvar", "scale_factor", "model_ema.decay", "model_ema.num_updates"}
-IGNORED_PREFIXES = ("model_ema.", "first_stage_model.loss.", "low_scale_model.", "loss.")
+LOW_SCALE_PREFIX = "low_scale_model."
+IGNORED_PREFIXES = ("model_ema.", "first_stage_model.loss.", LOW_SCALE_PREFIX, "loss.")
+# What configs/stable-diffusion/x4-upscaling.yaml says and an x4 upscaler file cannot: its latent scale,
+# schedule, parameterisation and noise-augmentation limit; the CFG scale and noise level diffusers defaults to.
+X4_UPSCALER = {"scale_factor": 0.08333, "linear_start": 0.0001, "linear_end": 0.02, "prediction": "v"}
+X4_MAX_NOISE_LEVEL = 350
+X4_RECOMMENDED = {"cfg": 9.0, "noise_level": 20}
 
 
 def builtin_dir() -> Path:
@@ -231,9 +238,10 @@ def read_diffusers_folder(folder: Path) -> tuple[dict, dict]:
             hints["text_encoder"] = cfg
     if "unet" not in hints:
         raise CheckpointError(f"{folder}: not a diffusers model folder (no unet/ with safetensors weights)")
-    sched = folder / "scheduler" / "scheduler_config.json"
-    if sched.is_file():
-        hints["scheduler"] = _read_json(sched)
+    for name, rel in (("scheduler", "scheduler/scheduler_config.json"), ("model_index", "model_index.json"),
+                      ("low_res_scheduler", "low_res_scheduler/scheduler_config.json")):  # the x4 upscaler's
+        if (folder / rel).is_file():
+            hints[name] = _read_json(folder / rel)
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         p = folder / "tokenizer" / name
         if p.is_file():
@@ -297,8 +305,13 @@ def _unet_overrides_from_hints(hints: dict) -> dict:
     heads = heads if isinstance(heads, list) else [heads] * len(chans)
     per_head = {c // h for c, h in zip(chans, heads)}
     if len(set(heads)) > 1 and len(per_head) == 1:
-        return {"num_head_channels": per_head.pop(), "num_heads": -1}
-    return {"num_heads": heads[0], "num_head_channels": -1}
+        out = {"num_head_channels": per_head.pop(), "num_heads": -1}
+    else:
+        out = {"num_heads": heads[0], "num_head_channels": -1}
+    only_cross = cfg.get("only_cross_attention", False)  # diffusers' name for disable_self_attentions
+    only_cross = only_cross if isinstance(only_cross, list) else [bool(only_cross)] * len(chans)
+    out["disable_self_attentions"] = tuple(only_cross) if any(only_cross) else None
+    return out
 
 
 def detect_config(raw: RawCheckpoint, *, ldm_config: dict | None = None, overrides: dict | None = None) -> ModelConfig:
@@ -320,6 +333,7 @@ def detect_config(raw: RawCheckpoint, *, ldm_config: dict | None = None, overrid
     if not fs_sd:
         raise CheckpointError(f"{raw.path}: no first_stage_model.* (autoencoder) weights in the checkpoint")
     sched: dict = {}
+    params = None
     if ldm_config is not None:
         params = ldm_params(ldm_config)
         unet_cfg = UNetConfig.from_ldm_params(params["unet_config"]["params"])
@@ -351,14 +365,21 @@ def detect_config(raw: RawCheckpoint, *, ldm_config: dict | None = None, overrid
             f"{raw.path}: UNet takes {unet_cfg.in_channels} channels but the first stage gives {lat}; "
             f"{extra_in} extra channels match neither inpainting ({lat + 1}) nor super-resolution (3)"
         )
+    aug = _noise_augmentation(raw, params)
+    if aug:
+        _check_noise_augmentation(raw.path, aug, unet_cfg, concat)
     has_context = cond_cfg.kind != "none"
-    key = sched.get("conditioning_key") or (
+    key = sched.get("conditioning_key") or ("hybrid-adm" if aug else None) or (
         ("hybrid" if has_context else "concat") if concat else ("crossattn" if has_context else "none")
     )
     cfg = ModelConfig(
         unet=unet_cfg, first_stage=fs_cfg, cond=cond_cfg, family=family, conditioning_key=key, concat=concat,
-        scale_factor=0.18215 if fs_cfg.kind == "kl" else 1.0,
+        scale_factor=0.18215 if fs_cfg.kind == "kl" else 1.0, **aug,
     )  # fmt: skip
+    if aug:
+        for k, v in X4_UPSCALER.items():
+            setattr(cfg, k, v)
+        cfg.recommended = dict(X4_RECOMMENDED)
     if "scale_factor" in sd:
         cfg.scale_factor = float(sd["scale_factor"])
     vae_hint = raw.hints.get("vae") or {}
@@ -385,6 +406,37 @@ def detect_config(raw: RawCheckpoint, *, ldm_config: dict | None = None, overrid
     return cfg
 
 
+def _noise_augmentation(raw: RawCheckpoint, params: dict | None) -> dict:
+    """ModelConfig fields of the low-res image's noise augmentation (SD 2 x4 upscaler), {} for none: from the
+    original config's low_scale_config, a diffusers folder's low_res_scheduler, or an original file's
+    low_scale_model.* buffers (the x4-upscaling.yaml values; the buffers themselves give the schedule)."""
+    if params is not None:
+        return low_scale_from_ldm(params)
+    low = raw.hints.get("low_res_scheduler")
+    if low:
+        index = raw.hints.get("model_index") or {}
+        return {"max_noise_level": int(index.get("max_noise_level", X4_MAX_NOISE_LEVEL)),
+                "low_scale_beta_schedule": low.get("beta_schedule", "scaled_linear"),
+                "low_scale_timesteps": int(low.get("num_train_timesteps", 1000)),
+                "low_scale_linear_start": float(low.get("beta_start", 1e-4)),
+                "low_scale_linear_end": float(low.get("beta_end", 2e-2))}  # fmt: skip
+    if any(k.startswith(LOW_SCALE_PREFIX) for k in raw.tensors):
+        return {"max_noise_level": X4_MAX_NOISE_LEVEL}
+    return {}
+
+
+def _check_noise_augmentation(path: str, aug: dict, unet_cfg, concat: str | None) -> None:
+    """The noise level is a class label of the UNet, the noised image its 3 extra input channels."""
+    classes = unet_cfg.num_classes
+    if concat != "lowres" or classes is None or aug["max_noise_level"] >= classes:
+        raise CheckpointError(
+            f"{path}: low-res noise augmentation (low_scale_model, max_noise_level {aug['max_noise_level']}) needs a "
+            f"UNet taking the low-res image (3 extra channels) and noise levels as class labels (num_classes > "
+            f"max_noise_level); this one has in_channels {unet_cfg.in_channels}, num_classes {classes}: "
+            "pass the checkpoint's own --config"
+        )
+
+
 # -------------------------------------------------------------------------------------------- loading
 
 
@@ -398,6 +450,7 @@ class ModelBundle:
     path: str
     format: str
     notes: list[str] = field(default_factory=list)
+    low_scale: object = None  # denoiser.DiscreteSchedule of the low-res noise augmentation, None without one
 
     def to(self, device=None, dtype=None) -> "ModelBundle":
         for m in (self.unet, self.first_stage, self.cond):
@@ -442,14 +495,27 @@ def build_modules(cfg: ModelConfig):
     return UNetModel(cfg.unet), build_autoencoder(cfg.first_stage), build_conditioner(cfg.cond)
 
 
-def make_schedule(cfg: ModelConfig, tensors: dict | None = None):
+def _discrete_schedule(ac, beta_schedule: str, timesteps: int, linear_start: float, linear_end: float):
+    """The file's ā buffer when it fits, else ā from the β schedule."""
     from .denoiser import DiscreteSchedule, make_betas
 
-    ac = (tensors or {}).get("alphas_cumprod")
-    if ac is not None and ac.numel() == cfg.timesteps and ac.device.type != "meta":
+    if ac is not None and ac.numel() == timesteps and ac.device.type != "meta":
         return DiscreteSchedule(ac.double())
-    betas = make_betas(cfg.beta_schedule, cfg.timesteps, cfg.linear_start, cfg.linear_end)
-    return DiscreteSchedule.from_betas(betas)
+    return DiscreteSchedule.from_betas(make_betas(beta_schedule, timesteps, linear_start, linear_end))
+
+
+def make_schedule(cfg: ModelConfig, tensors: dict | None = None):
+    return _discrete_schedule((tensors or {}).get("alphas_cumprod"), cfg.beta_schedule, cfg.timesteps,
+                              cfg.linear_start, cfg.linear_end)  # fmt: skip
+
+
+def make_low_scale_schedule(cfg: ModelConfig, tensors: dict | None = None):
+    """The noise-augmentation schedule (ImageConcatWithNoiseAugmentation), None for models without one."""
+    if cfg.max_noise_level is None:
+        return None
+    ac = (tensors or {}).get(LOW_SCALE_PREFIX + "alphas_cumprod")
+    return _discrete_schedule(ac, cfg.low_scale_beta_schedule, cfg.low_scale_timesteps, cfg.low_scale_linear_start,
+                              cfg.low_scale_linear_end)  # fmt: skip
 
 
 def load_model(
@@ -495,7 +561,7 @@ def bundle_from_raw(
         config = read_config_file(entry["config"])
     cfg = detect_config(raw, ldm_config=config, overrides=overrides)
     cfg.name = entry.get("name") or cfg.name or Path(path).stem
-    for k in ("steps", "cfg", "sampler", "width", "height"):
+    for k in ("steps", "cfg", "sampler", "width", "height", "noise_level"):
         if k in entry:
             cfg.recommended[k] = entry[k]
     if prediction is None and entry.get("prediction") and cfg.prediction_source in ("default", "guess"):
@@ -514,7 +580,8 @@ def bundle_from_raw(
     sd = raw.tensors
     if dtype is not None:  # convert tensor by tensor, dropping each original: weights exist once in memory
         for k, v in sd.items():
-            if v.is_floating_point() and v.dtype != dtype and k not in SCHEDULE_BUFFERS:
+            schedule = k in SCHEDULE_BUFFERS or k.startswith(LOW_SCALE_PREFIX)
+            if v.is_floating_point() and v.dtype != dtype and not schedule:
                 sd[k] = v.to(dtype)
     unet_sd, fs_sd, cond_sd = (split_prefix(sd, p) for p in (UNET_PREFIX, FIRST_STAGE_PREFIX, COND_PREFIX))
     if ema:
@@ -535,7 +602,8 @@ def bundle_from_raw(
         cond.load_original_state_dict(cond_sd)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: conditioning (cond_stage_model.*): {e}") from e
-    bundle = ModelBundle(cfg, unet, first_stage, cond, make_schedule(cfg, sd), path, raw.format, notes)
+    bundle = ModelBundle(cfg, unet, first_stage, cond, make_schedule(cfg, sd), path, raw.format, notes,
+                         make_low_scale_schedule(cfg, sd))  # fmt: skip
     for m in (unet, first_stage, cond):
         m.eval().requires_grad_(False)
     return bundle.to(device=device, dtype=dtype)
@@ -547,8 +615,10 @@ def save_model(path: str | Path, cfg: ModelConfig, unet: nn.Module, first_stage:
     tensors = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
     tensors.update({FIRST_STAGE_PREFIX + k: v for k, v in first_stage.state_dict().items()})
     tensors.update({COND_PREFIX + k: v for k, v in cond.original_state_dict().items()})
-    sched = make_schedule(cfg)
+    sched, low = make_schedule(cfg), make_low_scale_schedule(cfg)
     tensors["alphas_cumprod"] = sched.alphas_cumprod.float()
+    if low is not None:
+        tensors[LOW_SCALE_PREFIX + "alphas_cumprod"] = low.alphas_cumprod.float()
     meta = {"format": FORMAT_TAG, "latentgen": json.dumps(cfg.to_dict())}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
     write_safetensors(path, tensors, meta, overwrite=overwrite)
@@ -578,6 +648,7 @@ def describe(bundle: ModelBundle) -> dict:
         "context_dim": cfg.unet.context_dim,
         "unet_in_channels": cfg.unet.in_channels,
         "num_classes": cfg.unet.num_classes,
+        "max_noise_level": cfg.max_noise_level,
         "params": {
             "unet": count_params(bundle.unet),
             "first_stage": count_params(bundle.first_stage),

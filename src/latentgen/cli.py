@@ -17,6 +17,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's plain help: rich's help rendering costs more than the 0.3 s start-up budget
     help="Latent diffusion from the shell: generate, encode, decode, inspect and train LDM / Stable Diffusion models.",
 )
 
@@ -764,17 +765,38 @@ def inpaint(
 
 @command()
 def superres(
-    image: str = typer.Argument(..., help="Low-resolution input image."),
+    image: Optional[str] = typer.Argument(None, help="Low-resolution input image (default with --recipe: its input)."),
     scale: Optional[int] = typer.Option(None, "--scale", help="Upscaling factor; must equal the model's (4 for LDM-SR)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="What the image shows (text-guided upscalers: the SD 2 x4)."),
+    negative: Optional[str] = NegativeOpt, cfg: Optional[float] = CfgOpt,
+    noise_level: Optional[int] = typer.Option(None, "--noise-level", help="SD 2 x4 upscaler: noise added to the low-res image, 0..max_noise_level (350); default 20."),
     model: Optional[str] = ModelOpt, steps: Optional[int] = StepsOpt, sampler: Optional[str] = SamplerOpt,
     karras: Optional[bool] = KarrasOpt, spacing: Optional[str] = SpacingOpt, eta: Optional[float] = EtaOpt,
     seed: Optional[int] = SeedOpt, num: int = NumOpt, out: Optional[str] = OutOpt, dtype: str = DtypeOpt,
     device: str = DeviceOpt, as_json: bool = JsonOpt, overwrite: bool = OverwriteOpt, quiet: bool = QuietOpt,
     prediction: Optional[str] = PredictionOpt, config: Optional[str] = ConfigOpt, ema: bool = EmaOpt,
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Regenerate the image whose PNG recipe this is."),
 ) -> None:
-    """Upscale an image with a super-resolution LDM (low-res image concatenated to the latent)."""
+    """Upscale an image: LDM-SR (low-res image concatenated to the latent) or the SD 2 x4 upscaler (also guided
+    by --prompt, its input noised to --noise-level)."""
     from .config import load_registry
 
+    rec = _recipe(recipe)
+    if rec:
+        if rec.get("task") != "superres":
+            raise InputError(f"{recipe}: is a {rec.get('task')} image, not a superres one: pass a PNG made by "
+                             "`latentgen superres`")  # fmt: skip
+        image = image or rec.get("init_image")
+        prompt = rec.get("prompt", "") if prompt is None else prompt
+        negative = rec.get("negative", "") if negative is None else negative
+        noise_level = rec.get("noise_level") if noise_level is None else noise_level
+        seed = rec.get("seed") if seed is None else seed
+        model = model or rec.get("model_path") or rec.get("model")
+        dtype = rec.get("dtype", dtype) if dtype == "auto" else dtype
+        prediction = prediction or rec.get("prediction")
+        ema = ema or bool(rec.get("ema"))
+    if image is None:
+        raise ConfigError("superres needs an IMAGE argument (or --recipe PNG)")
     if model is None:
         model = load_registry().get("default_superres") or model
     _check_num(num)
@@ -782,28 +804,39 @@ def superres(
     sess = Session("superres", model, prediction, config, dtype, device, quiet, as_json, overwrite, out, ema)
     from . import pipelines
 
+    name = sess.bundle.config.name
     if sess.bundle.config.concat != "lowres":
-        raise ConfigError(f"model {sess.bundle.config.name} is not a super-resolution model (pass --model with an LDM-SR checkpoint)")
+        raise ConfigError(f"model {name} is not a super-resolution model (pass --model with an LDM-SR or SD 2 x4 "
+                          "upscaler checkpoint)")  # fmt: skip
+    level = pipelines.noise_level_for(sess.bundle, noise_level)
+    text_guided = sess.bundle.config.cond.kind != "none"
+    if not text_guided and (prompt or negative or cfg not in (None, 1.0)):
+        raise ConfigError(f"model {name} takes no text: --prompt, --negative and --cfg need a text-guided "
+                          "upscaler (the SD 2 x4)")  # fmt: skip
     f = sess.bundle.config.factor
     if scale is not None and scale != f:
-        raise ConfigError(f"--scale {scale}: model {sess.bundle.config.name} upscales by {f}")
+        raise ConfigError(f"--scale {scale}: model {name} upscales by {f}")
     _check_image_size(sess, low, image, scale=f)
     sess.check_outputs([{}], num)
-    defaults = sess.settings(steps, sampler, karras, spacing, 1.0, eta)
+    defaults = sess.settings(steps, sampler, karras, spacing, cfg if text_guided else 1.0, eta, recipe=rec)
     base = base_seed(seed, quiet)
+    text, neg = prompt or "", negative or ""
 
     def make(item, seeds):
-        bar = sess.progress(defaults.steps, "superres")
+        n = len(seeds)
+        bar = sess.progress(defaults.steps, text[:40] or "superres")
         try:
-            imgs = pipelines.superres(sess.bundle, low.expand(len(seeds), -1, -1, -1), seeds, defaults, callback=bar)
+            imgs = pipelines.superres(sess.bundle, low.expand(n, -1, -1, -1), seeds, defaults, callback=bar,
+                                      prompts=[text] * n, negatives=[neg] * n, noise_level=level)  # fmt: skip
         finally:
             bar.close()
-        return imgs, {"task": "superres", "prompt": "", "steps": defaults.steps, "sampler": defaults.sampler,
-                      "karras": defaults.karras, "spacing": defaults.spacing, "cfg": 1.0, "eta": defaults.eta,
-                      "width": low.shape[-1] * f, "height": low.shape[-2] * f, "init_image": image,
-                      "prediction": sess.bundle.config.prediction, "model_path": sess.model_path}  # fmt: skip
+        return imgs, {"task": "superres", "prompt": text, "negative": neg, "steps": defaults.steps,
+                      "sampler": defaults.sampler, "karras": defaults.karras, "spacing": defaults.spacing,
+                      "cfg": defaults.cfg, "eta": defaults.eta, "noise_level": level, "width": low.shape[-1] * f,
+                      "height": low.shape[-2] * f, "init_image": image, "prediction": sess.bundle.config.prediction,
+                      "model_path": sess.model_path, "ema": ema}  # fmt: skip
 
-    run_generation(sess, [{"prompt": ""}], base, num, make, {})
+    run_generation(sess, [{"prompt": text}], base, num, make, {})
     sess.finish()
 
 

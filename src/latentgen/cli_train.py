@@ -40,6 +40,7 @@ BatchOpt = typer.Option(8, "--batch-size", help="Global batch size (all processe
 MicroOpt = typer.Option(None, "--micro-batch", help="Micro-batch size (default: batch / processes); the global "
                         "batch is cut into micro-batches, each with its own random numbers.")  # fmt: skip
 WarmupOpt = typer.Option(0, "--warmup", help="Linear learning-rate warm-up steps.")
+DecayOpt = typer.Option("constant", "--lr-decay", help="After warm-up: constant, or cosine (to lr/10 at --steps).")
 SeedOpt = typer.Option(0, "--seed", help="Seed of data order, noise and initial weights.")
 EmaOpt = typer.Option(0.999, "--ema-decay", help="EMA decay; the saved model holds the EMA weights.")
 SaveOpt = typer.Option(500, "--save-every", help="Write a checkpoint every N steps (and at the end).")
@@ -64,6 +65,7 @@ def train_ae(
     micro_batch: Optional[int] = MicroOpt,
     lr: float = typer.Option(1e-4, "--lr", help="Adam learning rate (autoencoder and discriminator)."),
     warmup: int = WarmupOpt,
+    lr_decay: str = DecayOpt,
     seed: int = SeedOpt,
     ch: int = typer.Option(64, "--ch", help="Base channel count of encoder/decoder."),
     ch_mult: Optional[str] = typer.Option(None, "--ch-mult", help="Channel multipliers per level, e.g. 1,2,4."),
@@ -81,6 +83,8 @@ def train_ae(
     disc_weight: float = typer.Option(0.5, "--disc-weight", help="Weight of the adaptive adversarial loss."),
     disc_layers: int = typer.Option(3, "--disc-layers", help="PatchGAN discriminator depth."),
     disc_ch: int = typer.Option(64, "--disc-ch", help="PatchGAN discriminator base channels."),
+    posterior_start: int = typer.Option(0, "--posterior-start", help="KL: decode the posterior mean before this "
+                                        "step and posterior samples after (a faster start)."),  # fmt: skip
     ema_decay: float = EmaOpt,
     save_every: int = SaveOpt,
     sample_every: int = SampleOpt,
@@ -97,11 +101,11 @@ def train_ae(
 
     opts = AEOptions(
         data=data, reg=reg, f=f, out=out, size=size, steps=steps, batch_size=batch_size, micro_batch=micro_batch,
-        lr=lr, warmup=warmup, seed=seed, ch=ch, ch_mult=_ints(ch_mult, "--ch-mult"), num_res_blocks=num_res_blocks,
+        lr=lr, warmup=warmup, lr_decay=lr_decay, seed=seed, ch=ch, ch_mult=_ints(ch_mult, "--ch-mult"), num_res_blocks=num_res_blocks,
         attn_resolutions=_ints(attn_resolutions, "--attn-resolutions") or (), embed_dim=embed_dim, n_embed=n_embed,
         kl_weight=kl_weight, codebook_weight=codebook_weight, perceptual_weight=perceptual_weight,
         lpips_vgg=lpips_vgg, disc_start=disc_start, disc_weight=disc_weight, disc_layers=disc_layers,
-        disc_ch=disc_ch, ema_decay=ema_decay, save_every=save_every, sample_every=sample_every,
+        disc_ch=disc_ch, posterior_start=posterior_start, ema_decay=ema_decay, save_every=save_every, sample_every=sample_every,
         log_every=log_every, bf16=bf16, resume=resume, overwrite=overwrite, init=init, device=device,
         save_dtype=save_dtype,
     )  # fmt: skip
@@ -121,6 +125,7 @@ def train_ldm(
     micro_batch: Optional[int] = MicroOpt,
     lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate."),
     warmup: int = WarmupOpt,
+    lr_decay: str = DecayOpt,
     seed: int = SeedOpt,
     model_channels: int = typer.Option(64, "--model-channels", help="UNet base channels."),
     channel_mult: str = typer.Option("1,2,2", "--channel-mult", help="UNet channel multipliers per level."),
@@ -132,9 +137,13 @@ def train_ldm(
     text_dim: int = typer.Option(128, "--text-dim", help="Width of the BERT text transformer (text)."),
     text_layers: int = typer.Option(2, "--text-layers", help="Depth of the BERT text transformer (text)."),
     text_heads: int = typer.Option(4, "--text-heads", help="Heads of the BERT text transformer (text)."),
+    text_length: int = typer.Option(77, "--text-length", help="Tokens per prompt of the BERT text transformer "
+                                    "(longer prompts are cut; text)."),  # fmt: skip
     class_dim: int = typer.Option(64, "--class-dim", help="Class embedding width (class)."),
     scale_batches: int = typer.Option(4, "--scale-batches", help="Batches used to measure the latent scale."),
     sample_steps: int = typer.Option(20, "--sample-steps", help="Sampler steps of the sample grids."),
+    cache_latents: bool = typer.Option(False, "--cache-latents", help="Keep each image's encoder output in memory "
+                                       "after its first epoch (6 KB per 64x64 image at f=4)."),  # fmt: skip
     ema_decay: float = EmaOpt,
     save_every: int = SaveOpt,
     sample_every: int = SampleOpt,
@@ -151,12 +160,12 @@ def train_ldm(
 
     opts = LDMOptions(
         data=data, ae=ae, cond=cond, out=out, prediction=prediction, cond_drop=cond_drop, size=size, steps=steps,
-        batch_size=batch_size, micro_batch=micro_batch, lr=lr, warmup=warmup, seed=seed,
+        batch_size=batch_size, micro_batch=micro_batch, lr=lr, warmup=warmup, lr_decay=lr_decay, seed=seed,
         model_channels=model_channels, channel_mult=_ints(channel_mult, "--channel-mult"),
         num_res_blocks=num_res_blocks, attention_resolutions=_ints(attention_resolutions, "--attention-resolutions"),
         num_head_channels=num_head_channels, transformer_depth=transformer_depth, text_dim=text_dim,
-        text_layers=text_layers, text_heads=text_heads, class_dim=class_dim, scale_batches=scale_batches,
-        sample_steps=sample_steps, ema_decay=ema_decay, save_every=save_every, sample_every=sample_every,
+        text_layers=text_layers, text_heads=text_heads, text_length=text_length, class_dim=class_dim, scale_batches=scale_batches,
+        sample_steps=sample_steps, cache_latents=cache_latents, ema_decay=ema_decay, save_every=save_every, sample_every=sample_every,
         log_every=log_every, bf16=bf16, resume=resume, overwrite=overwrite, init=init, device=device,
         save_dtype=save_dtype,
     )  # fmt: skip

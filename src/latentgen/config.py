@@ -38,8 +38,16 @@ class ModelConfig:
     timesteps: int = 1000
     linear_start: float = 0.00085
     linear_end: float = 0.012
+    # Noise augmentation of the low-res image (stablediffusion's ImageConcatWithNoiseAugmentation, the SD 2 x4
+    # upscaler): q-sampled at a chosen level of its own schedule, the level given to the UNet as class label y.
+    # None: the low-res image is concatenated as is (LDM-SR).
+    max_noise_level: int | None = None
+    low_scale_beta_schedule: str = "scaled_linear"
+    low_scale_timesteps: int = 1000
+    low_scale_linear_start: float = 0.0001
+    low_scale_linear_end: float = 0.02
     name: str | None = None
-    recommended: dict = field(default_factory=dict)  # steps, cfg, sampler, width, height
+    recommended: dict = field(default_factory=dict)  # steps, cfg, sampler, width, height, noise_level
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -89,6 +97,28 @@ def schedule_from_ldm(params: dict) -> dict:
         "prediction": "v" if params.get("parameterization", "eps") == "v" else "eps",
         "scale_factor": float(params.get("scale_factor", 1.0)),
         "conditioning_key": params.get("conditioning_key") or "none",
+    }
+
+
+LOW_SCALE_TARGET = "ldm.modules.diffusionmodules.upscaling.ImageConcatWithNoiseAugmentation"
+
+
+def low_scale_from_ldm(params: dict) -> dict:
+    """ModelConfig fields of an original `low_scale_config` (LatentUpscaleDiffusion); {} when there is none."""
+    node = params.get("low_scale_config")
+    if not node:
+        return {}
+    if node.get("target", LOW_SCALE_TARGET) != LOW_SCALE_TARGET:
+        raise ConfigError(f"low_scale_config target {node.get('target')!r} is not supported; only {LOW_SCALE_TARGET}")
+    p = node.get("params") or {}
+    sched = p.get("noise_schedule_config") or {}
+    kind = sched.get("beta_schedule", "linear")
+    return {
+        "max_noise_level": int(p.get("max_noise_level", 1000)),
+        "low_scale_beta_schedule": _LDM_BETA_SCHEDULES.get(kind, kind),
+        "low_scale_timesteps": int(sched.get("timesteps", 1000)),
+        "low_scale_linear_start": float(sched.get("linear_start", 1e-4)),
+        "low_scale_linear_end": float(sched.get("linear_end", 2e-2)),
     }
 
 

@@ -240,6 +240,12 @@ def noise_for_img2img(z0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor
     return z0 + torch.as_tensor(sigma, dtype=z0.dtype, device=z0.device) * noise
 
 
+def q_sample(schedule: DiscreteSchedule, x0: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
+    """z_t = sqrt(ā_t)·x0 + sqrt(1 - ā_t)·ε at the integer timestep t (Ho et al. 2020, eq. 4)."""
+    a = float(schedule.alphas_cumprod[int(t)])
+    return a**0.5 * x0 + (1 - a) ** 0.5 * noise
+
+
 def to_latent(x: torch.Tensor, sigma_last: torch.Tensor | float) -> torch.Tensor:
     """z = x / sqrt(1 + σ²): the latent diffusers decodes (differs from x only when σ_last > 0, DDIM/PLMS)."""
     sigma = torch.as_tensor(sigma_last, dtype=x.dtype, device=x.device)

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from .autoencoder import DiagonalGaussian
-from .checkpoint import ModelBundle
-from .denoiser import (CFGDenoiser, Denoiser, get_sigmas, noise_for_img2img, prepare_noise, quantize_timesteps,
-                       strength_sigmas, to_latent)  # fmt: skip
+from .checkpoint import ModelBundle, make_low_scale_schedule
+from .denoiser import (CFGDenoiser, Denoiser, get_sigmas, noise_for_img2img, prepare_noise, q_sample,
+                       quantize_timesteps, strength_sigmas, to_latent)  # fmt: skip
 from .errors import ConfigError, InputError
 from .samplers import get_sampler, randn
 
@@ -334,24 +334,62 @@ def inpaint(bundle: ModelBundle, images: torch.Tensor, masks: torch.Tensor, prom
     return decode(bundle, z)
 
 
+DEFAULT_NOISE_LEVEL = 20  # diffusers' StableDiffusionUpscalePipeline default
+
+
+def noise_level_for(bundle: ModelBundle, noise_level: int | None) -> int | None:
+    """The noise level a super-resolution run uses: the given one (checked against the model's
+    max_noise_level), else the model's recommendation, else 20; None for models without noise augmentation,
+    which refuse a given level."""
+    cfg = bundle.config
+    if cfg.max_noise_level is None:
+        if noise_level is not None:
+            raise ConfigError(f"--noise-level {noise_level}: model {cfg.name} does not noise its low-res input "
+                              "(only the SD 2 x4 upscaler does); drop --noise-level")  # fmt: skip
+        return None
+    level = int(cfg.recommended.get("noise_level", DEFAULT_NOISE_LEVEL) if noise_level is None else noise_level)
+    if not 0 <= level <= cfg.max_noise_level:
+        raise InputError(f"--noise-level {level} is outside 0..{cfg.max_noise_level} (the max_noise_level of model "
+                         f"{cfg.name}): pick a level in that range")  # fmt: skip
+    return level
+
+
+def augment_lowres(bundle: ModelBundle, lowres: torch.Tensor, level: int, gens: list[torch.Generator]):
+    """Noise augmentation of the low-res image (stablediffusion's ImageConcatWithNoiseAugmentation, the SD 2 x4
+    upscaler): q-sample it at `level` of its own schedule with noise from each image's generator, and give the
+    level to the UNet as class label y. Returns (noised image, {"y": levels})."""
+    schedule = bundle.low_scale or make_low_scale_schedule(bundle.config)
+    noise = randn(tuple(lowres.shape), gens, lowres.device)
+    noised = q_sample(schedule, lowres.float(), level, noise)
+    return noised, {"y": torch.full((lowres.shape[0],), level, dtype=torch.long, device=lowres.device)}
+
+
 def superres(bundle: ModelBundle, images: torch.Tensor, seeds: list[int], settings: Settings, callback=None,
-             prompts: list | None = None, negatives: list | None = None) -> torch.Tensor:  # fmt: skip
+             prompts: list | None = None, negatives: list | None = None,
+             noise_level: int | None = None) -> torch.Tensor:  # fmt: skip
     """LDM-SR (Rombach et al. §4.4): the low-res image in [-1, 1], at latent resolution, is concatenated to
-    the latent the UNet denoises; the output is f times larger."""
+    the latent the UNet denoises; the output is f times larger. The SD 2 x4 upscaler first noises the image to
+    `noise_level` (drawn before the initial latent noise, as diffusers' StableDiffusionUpscalePipeline) and is
+    guided by the prompt (CFG): cond and uncond get the same noised image and level."""
     settings.check()
     if bundle.config.concat != "lowres":
         raise InputError(f"{bundle.config.name} is not a super-resolution model (its UNet takes no low-res image)")
+    level = noise_level_for(bundle, noise_level)
     device, dtype = _params(bundle)
     gens = generators(seeds)
     n, _, h, w = images.shape
-    lowres = (images * 2 - 1).to(device, dtype)
+    lowres = (images * 2 - 1).to(device)
+    extra = {}
+    if level is not None:
+        lowres, extra = augment_lowres(bundle, lowres, level, gens)
+    lowres = lowres.to(dtype)
     sigmas = sigmas_for(bundle, settings)
     x = prepare_noise(randn((n, bundle.config.latent_channels, h, w), gens, device), sigmas, settings.sampler,
                       settings.spacing)  # fmt: skip
     p = prompts or [""] * n
     cond, uncond = encode_prompts(bundle, p, negatives or [""] * n, settings.cfg)
-    cond = {**cond, "concat": lowres}
+    cond = {**cond, "concat": lowres, **extra}
     if uncond is not None:
-        uncond = {**uncond, "concat": lowres}
+        uncond = {**uncond, "concat": lowres, **extra}
     x = _sample(bundle, x, sigmas, settings, cond, uncond, gens, callback)
     return decode(bundle, to_latent(x, sigmas[-1]))

@@ -50,7 +50,8 @@ LDM_FILE = "model.safetensors"
 COND_CHOICES = ("none", "class", "text", "sr", "inpaint")
 # options that may change between a run and its --resume (they do not change what is computed)
 _NOT_IDENTITY = {"out", "resume", "overwrite", "steps", "save_every", "sample_every", "log_every", "device",
-                 "micro_batch", "bf16", "init", "save_dtype", "sample_steps"}  # fmt: skip
+                 "micro_batch", "bf16", "init", "save_dtype", "sample_steps",
+                 "cache_latents"}  # fmt: skip
 
 
 # ================================================================================================ options
@@ -68,6 +69,7 @@ class RunOptions:
     micro_batch: int | None = None  # default: batch_size / world size
     lr: float = 1e-4
     warmup: int = 0
+    lr_decay: str = "constant"  # constant | cosine (to lr/10 at --steps)
     seed: int = 0
     ema_decay: float = 0.999
     save_every: int = 500
@@ -103,6 +105,7 @@ class AEOptions(RunOptions):
     disc_weight: float = 0.5
     disc_layers: int = 3
     disc_ch: int = 64
+    posterior_start: int = 0  # KL: the decoder sees the posterior mean before this step, samples after
 
 
 @dataclass(kw_only=True)
@@ -120,9 +123,11 @@ class LDMOptions(RunOptions):
     text_dim: int = 128
     text_layers: int = 2
     text_heads: int = 4
+    text_length: int = 77
     class_dim: int = 64
     scale_batches: int = 4
     sample_steps: int = 20
+    cache_latents: bool = False
 
 
 @dataclass
@@ -400,7 +405,16 @@ def prepare_out(opts: RunOptions) -> tuple[Path, TrainState | None]:
 
 
 def lr_at(opts: RunOptions, step: int) -> float:
-    return opts.lr * min(1.0, (step + 1) / opts.warmup) if opts.warmup else opts.lr
+    """Linear warm-up over --warmup steps, then constant or a cosine decay to lr/10 at --steps."""
+    lr = opts.lr * min(1.0, (step + 1) / opts.warmup) if opts.warmup else opts.lr
+    if opts.lr_decay == "cosine":
+        lr *= 0.1 + 0.45 * (1.0 + math.cos(math.pi * min(step / max(opts.steps, 1), 1.0)))
+    return lr
+
+
+def check_run_options(opts: RunOptions) -> None:
+    if opts.lr_decay not in ("constant", "cosine"):
+        raise ConfigError(f"--lr-decay must be constant or cosine, not {opts.lr_decay!r}")
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
@@ -718,7 +732,7 @@ class AETrainer:
         """taming LPIPSWithDiscriminator / VQLPIPSWithDiscriminator, optimizer_idx 0."""
         opts = self.opts
         if opts.reg == "kl":
-            rec, posterior = self.ae(x, sample_posterior=True, generator=g)
+            rec, posterior = self.ae(x, sample_posterior=step >= opts.posterior_start, generator=g)
         else:
             rec, qloss, _ = self.ae(x)
         rec_loss = (x - rec).abs()
@@ -812,6 +826,7 @@ def train_autoencoder(opts: AEOptions, *, log=stderr_log, callback=None) -> Trai
     from .autoencoder import AutoencoderConfig, build_autoencoder
     from .checkpoint import load_first_stage
 
+    check_run_options(opts)
     dist = setup_distributed(opts.device)
     out, state = prepare_out(opts)
     dataset = open_data(opts)
@@ -904,7 +919,7 @@ def ldm_config(opts: LDMOptions, first_stage_cfg, scale: float, n_classes: int |
         cond = CondConfig(kind="class", n_classes=n_classes + 1, embed_dim=opts.class_dim, null_label=n_classes)
     elif text:
         cond = CondConfig(kind="bert", n_embed=opts.text_dim, n_layer=opts.text_layers, heads=opts.text_heads,
-                          dim_head=opts.text_dim // opts.text_heads, max_seq_len=77)  # fmt: skip
+                          dim_head=opts.text_dim // opts.text_heads, max_seq_len=opts.text_length)  # fmt: skip
     else:
         cond = CondConfig(kind="none")
     extra = {"sr": 3, "inpaint": lat + 1}.get(opts.cond, 0)
@@ -953,12 +968,27 @@ class LDMTrainer:
     opt: torch.optim.Optimizer
     emas: dict
     classes: list[str] | None = None
+    cache: dict | None = None  # data index -> encoder output (KL moments / VQ latent), with --cache-latents
 
     @torch.no_grad()
-    def latents(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
-        """Scaled latent: a posterior sample (LDM get_first_stage_encoding) × scale factor."""
-        z = self.first_stage.encode_latent(x, generator=g, sample=g is not None)
-        return z.float() * self.cfg.scale_factor
+    def latents(self, x: torch.Tensor, g: torch.Generator | None, index: list[int] | None = None) -> torch.Tensor:
+        """Scaled latent: a posterior sample (LDM get_first_stage_encoding) × scale factor. With a cache, each
+        item's encoder output is kept after its first use, so later epochs only draw the posterior noise."""
+        if self.cache is None or index is None:
+            z = self.first_stage.encode_latent(x, generator=g, sample=g is not None)
+            return z.float() * self.cfg.scale_factor
+        from .autoencoder import DiagonalGaussian
+
+        todo = [k for k, i in enumerate(index) if i not in self.cache]
+        if todo:
+            enc = self.first_stage.encode(x[todo])
+            for k, e in zip(todo, enc.moments if isinstance(enc, DiagonalGaussian) else enc):
+                self.cache[index[k]] = e.clone()
+        enc = torch.stack([self.cache[i] for i in index])
+        if self.cfg.first_stage.kind == "kl":
+            posterior = DiagonalGaussian(enc)
+            enc = posterior.sample(g) if g is not None else posterior.mode()
+        return enc.float() * self.cfg.scale_factor
 
     def lowres(self, x: torch.Tensor) -> torch.Tensor:
         return downsample(x, self.cfg.factor)
@@ -999,7 +1029,7 @@ class LDMTrainer:
             g = torch.Generator().manual_seed(step_seed(opts.seed, step, j))
             with autocast(dist, opts.bf16):
                 kw = self.conditioning(batch, x, g)
-                z0 = self.latents(x, g)
+                z0 = self.latents(x, g, batch["index"])
                 loss = training_loss(self.unet, self.schedule, self.cfg.prediction, z0, kw, g)
             (loss / len(plan.mine)).backward()
             total += loss.item() / len(plan.mine)
@@ -1128,6 +1158,7 @@ def train_ldm(opts: LDMOptions, *, log=stderr_log, callback=None) -> TrainResult
         raise ConfigError(f"--prediction must be eps or v, not {opts.prediction!r}")
     if not 0.0 <= opts.cond_drop < 1.0:
         raise ConfigError(f"--cond-drop must be in [0, 1), not {opts.cond_drop}")
+    check_run_options(opts)
     dist = setup_distributed(opts.device)
     out, state = prepare_out(opts)
     if state is not None:
@@ -1154,7 +1185,8 @@ def train_ldm(opts: LDMOptions, *, log=stderr_log, callback=None) -> TrainResult
         state.restore(optimizers={"ldm": opt}, emas=emas)
         start = state.step
     schedule = make_schedule(cfg)
-    trainer = LDMTrainer(opts, dist, stream, plan, cfg, unet, cond, first_stage, schedule, opt, emas, classes)
+    trainer = LDMTrainer(opts, dist, stream, plan, cfg, unet, cond, first_stage, schedule, opt, emas, classes,
+                         {} if opts.cache_latents else None)  # fmt: skip
     meta = {"kind": "ldm", "run": opts.identity(), "model_config": cfg.to_dict()}
     if dist.main:
         n = sum(p.numel() for p in unet.parameters()) / 1e6

@@ -8,8 +8,10 @@ checkpoints, so `model.diffusion_model.*` loads with `strict=True` once the pref
 Every attention goes through `F.scaled_dot_product_attention`.
 
 Conditioning: cross-attention context (paper Eq. 3), class labels (`num_classes`) added to the time
-embedding. Concat conditioning (inpainting, super-resolution) is the caller's job: it concatenates
-channels to x, and `in_channels` says how many there are.
+embedding (the SD 2 x4 upscaler feeds its noise level this way). `disable_self_attentions` turns a
+level's self-attention into a second cross-attention (stablediffusion's `disable_self_attn`). Concat
+conditioning (inpainting, super-resolution) is the caller's job: it concatenates channels to x, and
+`in_channels` says how many there are.
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ class UNetConfig:
     context_dim: int | None = None
     use_linear_in_transformer: bool = False
     num_classes: int | None = None
+    disable_self_attentions: tuple[bool, ...] | None = None  # per level: attn1 attends to the context too
+    disable_middle_self_attn: bool = False
     legacy: bool = False
     dropout: float = 0.0
     conv_resample: bool = True
@@ -80,6 +84,11 @@ class UNetConfig:
     def __post_init__(self) -> None:
         self.attention_resolutions = tuple(int(r) for r in self.attention_resolutions)
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
+        if self.disable_self_attentions is not None:
+            self.disable_self_attentions = tuple(bool(d) for d in self.disable_self_attentions)
+            if len(self.disable_self_attentions) != len(self.channel_mult):
+                raise ConfigError(f"UNet config: disable_self_attentions has {len(self.disable_self_attentions)} "
+                                  f"entries but channel_mult has {len(self.channel_mult)} levels; give one per level")
         if self.num_heads == -1 and self.num_head_channels == -1:
             raise ConfigError("UNet config needs num_heads or num_head_channels (got neither)")
         if self.use_spatial_transformer and self.context_dim is None:
@@ -97,6 +106,8 @@ class UNetConfig:
         d = asdict(self)
         d["attention_resolutions"] = list(self.attention_resolutions)
         d["channel_mult"] = list(self.channel_mult)
+        if self.disable_self_attentions is not None:
+            d["disable_self_attentions"] = list(self.disable_self_attentions)
         return d
 
     @classmethod
@@ -127,9 +138,12 @@ class UNetConfig:
         """Infer the config from keys and shapes (keys without `model.diffusion_model.`).
 
         Heads cannot be seen in weights; conventions fill them in and an explicit config overrides:
-        conv proj_in (SD 1.x) -> num_heads=8; linear proj_in (SD 2.x) -> num_head_channels=64;
-        legacy AttentionBlock (CompVis LDM unconditional / super-resolution) -> num_head_channels=32.
-        `family_hint` ("sd1", "sd2", "ldm") picks the convention explicitly. `conv_resample=True`,
+        conv proj_in (SD 1.x) -> num_heads=8; linear proj_in (SD 2.x) -> num_head_channels=64, except the
+        SD 2 x4 upscaler (class labels, 3 channels more in than out) -> num_heads=8; legacy AttentionBlock
+        (CompVis LDM unconditional / super-resolution) -> num_head_channels=32.
+        A level whose self-attention keys take the context's width is a `disable_self_attentions` level
+        (undetectable when the level is as wide as the context: read as not disabled).
+        `family_hint` ("sd1", "sd2", "upscaler", "ldm") picks the convention explicitly. `conv_resample=True`,
         `legacy=False` and `use_new_attention_order=False` are assumed.
         """
         try:
@@ -179,13 +193,15 @@ def _infer_unet(sd: dict[str, torch.Tensor], family_hint: str | None) -> dict:
     if spatial:
         kw["transformer_depth"] = _count(sd, "middle_block.1.transformer_blocks.{}.")
         kw["context_dim"] = int(sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1])
+        kw.update(_disabled_self_attentions(sd, first, channel_mult, int(model_channels), kw["context_dim"]))
     if "label_emb.weight" in sd:
         kw["num_classes"] = int(sd["label_emb.weight"].shape[0])
     elif any(k.startswith("label_emb.") for k in sd):
         raise CheckpointError("UNet weights have a sequential label_emb (num_classes='sequential'); not supported")
-    family = family_hint or ("ldm" if not spatial else "sd2" if linear else "sd1")
-    if family not in ("sd1", "sd2", "ldm"):
-        raise ConfigError(f"UNet family hint {family_hint!r} is unknown; use 'sd1', 'sd2' or 'ldm'")
+    upscaler = "label_emb.weight" in sd and kw["in_channels"] == kw["out_channels"] + 3
+    family = family_hint or ("ldm" if not spatial else ("upscaler" if upscaler else "sd2") if linear else "sd1")
+    if family not in ("sd1", "sd2", "upscaler", "ldm"):
+        raise ConfigError(f"UNet family hint {family_hint!r} is unknown; use 'sd1', 'sd2', 'upscaler' or 'ldm'")
     if family == "sd2":
         kw["num_head_channels"] = 64
     elif family == "ldm" and not spatial:
@@ -193,6 +209,17 @@ def _infer_unet(sd: dict[str, torch.Tensor], family_hint: str | None) -> dict:
     else:
         kw["num_heads"] = 8
     return kw
+
+
+def _disabled_self_attentions(sd: dict, first: list[int], channel_mult: tuple, mc: int, context_dim: int) -> dict:
+    """`disable_self_attentions` / `disable_middle_self_attn` from the width attn1's keys project from."""
+    def disabled(prefix: str, channels: int) -> bool:
+        key = f"{prefix}.transformer_blocks.0.attn1.to_k.weight"
+        return key in sd and sd[key].shape[1] != channels and sd[key].shape[1] == context_dim
+
+    levels = tuple(disabled(f"input_blocks.{i}.1", mult * mc) for i, mult in zip(first, channel_mult))
+    middle = disabled("middle_block.1", channel_mult[-1] * mc)
+    return {"disable_self_attentions": levels if any(levels) else None, "disable_middle_self_attn": middle}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,11 +413,15 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-norm self-attention, cross-attention and feed-forward, each with a residual."""
+    """Pre-norm self-attention, cross-attention and feed-forward, each with a residual.
+    With `disable_self_attn` the first attention attends to the context as well (no self-attention)."""
 
-    def __init__(self, dim: int, n_heads: int, d_head: int, dropout: float = 0.0, context_dim: int | None = None):
+    def __init__(self, dim: int, n_heads: int, d_head: int, dropout: float = 0.0, context_dim: int | None = None,
+                 disable_self_attn: bool = False):
         super().__init__()
-        self.attn1 = CrossAttention(dim, heads=n_heads, dim_head=d_head, dropout=dropout)
+        self.disable_self_attn = disable_self_attn
+        self.attn1 = CrossAttention(dim, context_dim=context_dim if disable_self_attn else None, heads=n_heads,
+                                    dim_head=d_head, dropout=dropout)
         self.ff = FeedForward(dim, dropout=dropout)
         self.attn2 = CrossAttention(dim, context_dim=context_dim, heads=n_heads, dim_head=d_head, dropout=dropout)
         self.norm1 = nn.LayerNorm(dim)
@@ -398,7 +429,7 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn1(self.norm1(x), context=context if self.disable_self_attn else None)
         x = x + self.attn2(self.norm2(x), context=context)
         return x + self.ff(self.norm3(x))
 
@@ -408,14 +439,15 @@ class SpatialTransformer(nn.Module):
     `depth` transformer blocks over the h*w tokens, proj_out, residual."""
 
     def __init__(self, in_channels: int, n_heads: int, d_head: int, depth: int = 1, dropout: float = 0.0,
-                 context_dim: int | None = None, use_linear: bool = False):
+                 context_dim: int | None = None, use_linear: bool = False, disable_self_attn: bool = False):
         super().__init__()
         inner = n_heads * d_head
         self.use_linear = use_linear
         self.norm = nn.GroupNorm(32, in_channels, eps=1e-6, affine=True)
         self.proj_in = nn.Linear(in_channels, inner) if use_linear else nn.Conv2d(in_channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, n_heads, d_head, dropout=dropout, context_dim=context_dim)
+            BasicTransformerBlock(inner, n_heads, d_head, dropout=dropout, context_dim=context_dim,
+                                  disable_self_attn=disable_self_attn)
             for _ in range(depth)
         )
         self.proj_out = nn.Linear(inner, in_channels) if use_linear else nn.Conv2d(inner, in_channels, 1)
@@ -478,7 +510,7 @@ class UNetModel(nn.Module):
                 layers = [res(ch, mult * mc)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
-                    layers.append(self._attention(ch))
+                    layers.append(self._attention(ch, self._self_attn_disabled(level)))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(cfg.channel_mult) - 1:
@@ -486,21 +518,25 @@ class UNetModel(nn.Module):
                 self.input_blocks.append(TimestepEmbedSequential(down))
                 skip_channels.append(ch)
                 ds *= 2
-        self.middle_block = TimestepEmbedSequential(res(ch, ch), self._attention(ch), res(ch, ch))
+        self.middle_block = TimestepEmbedSequential(res(ch, ch), self._attention(ch, cfg.disable_middle_self_attn),
+                                                    res(ch, ch))
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
                 layers = [res(ch + skip_channels.pop(), mc * mult)]
                 ch = mc * mult
                 if ds in cfg.attention_resolutions:
-                    layers.append(self._attention(ch))
+                    layers.append(self._attention(ch, self._self_attn_disabled(level)))
                 if level and i == cfg.num_res_blocks:
                     layers.append(res(ch, ch, up=True) if cfg.resblock_updown else Upsample(ch, cfg.conv_resample))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
-    def _attention(self, ch: int) -> nn.Module:
+    def _self_attn_disabled(self, level: int) -> bool:
+        return bool(self.config.disable_self_attentions and self.config.disable_self_attentions[level])
+
+    def _attention(self, ch: int, disable_self_attn: bool = False) -> nn.Module:
         cfg = self.config
         heads, head_dim = cfg.heads(ch)
         if heads < 1 or heads * head_dim != ch:
@@ -510,7 +546,7 @@ class UNetModel(nn.Module):
             )
         if cfg.use_spatial_transformer:
             return SpatialTransformer(ch, heads, head_dim, cfg.transformer_depth, cfg.dropout, cfg.context_dim,
-                                      cfg.use_linear_in_transformer)
+                                      cfg.use_linear_in_transformer, disable_self_attn)
         return AttentionBlock(ch, heads, cfg.use_new_attention_order)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor | None = None,
