@@ -174,16 +174,17 @@ def test_lr_decay_and_text_length(tmp_path, tiny_ae):
     assert not (tmp_path / "x").exists()
 
 
-def test_posterior_start(tmp_path, monkeypatch):
-    """Before --posterior-start the decoder gets the posterior mean (no sample drawn), after it samples."""
-    from latentgen.autoencoder import DiagonalGaussian
-
-    drawn = []
-    sample = DiagonalGaussian.sample
-    monkeypatch.setattr(DiagonalGaussian, "sample", lambda self, g=None: drawn.append(1) or sample(self, g))
-    train_autoencoder(AEOptions(data="shapes:8", out=str(tmp_path / "a"), steps=3, posterior_start=2,
-                                disc_start=100, **TINY_AE), **QUIET)  # fmt: skip
-    assert len(drawn) == 1  # step index 2 only
+def test_l2_weight_and_adam_betas(tmp_path):
+    kw = dict(data="shapes:8", steps=1, disc_start=100, **TINY_AE)
+    plain = train_autoencoder(AEOptions(out=str(tmp_path / "a"), **kw), **QUIET).losses[0]
+    l2 = train_autoencoder(AEOptions(out=str(tmp_path / "b"), l2_weight=1.0, adam_betas=(0.9, 0.99), **kw),
+                           **QUIET).losses[0]  # fmt: skip
+    assert l2["rec"] == pytest.approx(plain["rec"], rel=1e-6)  # same weights and batch at step 1 ...
+    assert l2["loss"] > plain["loss"] + 1.0  # ... plus the summed squared error
+    assert read_state(tmp_path / "b").json("run")["adam_betas"] == [0.9, 0.99]
+    with pytest.raises(ConfigError, match="--adam-betas"):
+        train_autoencoder(AEOptions(out=str(tmp_path / "c"), adam_betas=(1.5, 0.9), **kw), **QUIET)
+    assert not (tmp_path / "c").exists()
 
 
 def _state_weights(folder: Path) -> dict:
@@ -362,3 +363,17 @@ def test_laplacian_pyramid_loss():
     assert loss(x, x).abs().max() == 0
     shifted = loss(x, x + 0.1)  # a constant offset lives only in the coarsest level
     assert torch.allclose(shifted.flatten(), torch.full((2,), 0.1), atol=1e-5)
+
+
+@pytest.mark.parametrize("args, match", [(["train-ae", "--adam-betas", "0.9,x"], "--adam-betas takes"),
+                                         (["train-ae", "--adam-betas", "0.9"], "--adam-betas takes two"),
+                                         (["train-ldm", "--lr-decay", "linear"], "--lr-decay must be")])
+def test_bad_training_options_one_line(tmp_path, args, match):
+    from typer.testing import CliRunner
+
+    from latentgen.cli import app
+
+    result = CliRunner().invoke(app, args + ["--data", "shapes:4", "--out", str(tmp_path / "run"), "--steps", "1"])
+    assert result.exit_code == 2, result.output
+    assert match in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()

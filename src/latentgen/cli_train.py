@@ -15,6 +15,13 @@ import typer
 from .errors import ConfigError
 
 
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{option} takes comma-separated numbers like 0.5,0.9, not {text!r}") from None
+
+
 def _ints(text: Optional[str], option: str) -> Optional[tuple[int, ...]]:
     if text is None:
         return None
@@ -83,8 +90,8 @@ def train_ae(
     disc_weight: float = typer.Option(0.5, "--disc-weight", help="Weight of the adaptive adversarial loss."),
     disc_layers: int = typer.Option(3, "--disc-layers", help="PatchGAN discriminator depth."),
     disc_ch: int = typer.Option(64, "--disc-ch", help="PatchGAN discriminator base channels."),
-    posterior_start: int = typer.Option(0, "--posterior-start", help="KL: decode the posterior mean before this "
-                                        "step and posterior samples after (a faster start)."),  # fmt: skip
+    l2_weight: float = typer.Option(0.0, "--l2-weight", help="Weight of an MSE term beside the L1 pixel loss."),
+    adam_betas: str = typer.Option("0.5,0.9", "--adam-betas", help="Adam betas of autoencoder and discriminator."),
     ema_decay: float = EmaOpt,
     save_every: int = SaveOpt,
     sample_every: int = SampleOpt,
@@ -105,7 +112,8 @@ def train_ae(
         attn_resolutions=_ints(attn_resolutions, "--attn-resolutions") or (), embed_dim=embed_dim, n_embed=n_embed,
         kl_weight=kl_weight, codebook_weight=codebook_weight, perceptual_weight=perceptual_weight,
         lpips_vgg=lpips_vgg, disc_start=disc_start, disc_weight=disc_weight, disc_layers=disc_layers,
-        disc_ch=disc_ch, posterior_start=posterior_start, ema_decay=ema_decay, save_every=save_every, sample_every=sample_every,
+        disc_ch=disc_ch, l2_weight=l2_weight,
+        adam_betas=_floats(adam_betas, "--adam-betas"), ema_decay=ema_decay, save_every=save_every, sample_every=sample_every,
         log_every=log_every, bf16=bf16, resume=resume, overwrite=overwrite, init=init, device=device,
         save_dtype=save_dtype,
     )  # fmt: skip

@@ -105,7 +105,8 @@ class AEOptions(RunOptions):
     disc_weight: float = 0.5
     disc_layers: int = 3
     disc_ch: int = 64
-    posterior_start: int = 0  # KL: the decoder sees the posterior mean before this step, samples after
+    l2_weight: float = 0.0  # an MSE term beside L1 (pulls towards PSNR)
+    adam_betas: tuple[float, float] = (0.5, 0.9)  # taming's; (0.9, 0.99) converges faster without the GAN
 
 
 @dataclass(kw_only=True)
@@ -415,6 +416,9 @@ def lr_at(opts: RunOptions, step: int) -> float:
 def check_run_options(opts: RunOptions) -> None:
     if opts.lr_decay not in ("constant", "cosine"):
         raise ConfigError(f"--lr-decay must be constant or cosine, not {opts.lr_decay!r}")
+    betas = getattr(opts, "adam_betas", (0.5, 0.9))
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ConfigError(f"--adam-betas takes two numbers in [0, 1) like 0.5,0.9, not {betas}")
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
@@ -732,10 +736,12 @@ class AETrainer:
         """taming LPIPSWithDiscriminator / VQLPIPSWithDiscriminator, optimizer_idx 0."""
         opts = self.opts
         if opts.reg == "kl":
-            rec, posterior = self.ae(x, sample_posterior=step >= opts.posterior_start, generator=g)
+            rec, posterior = self.ae(x, sample_posterior=True, generator=g)
         else:
             rec, qloss, _ = self.ae(x)
         rec_loss = (x - rec).abs()
+        if opts.l2_weight:
+            rec_loss = rec_loss + opts.l2_weight * (x - rec).pow(2)
         p_loss = self.perceptual(x.float(), rec.float()) if opts.perceptual_weight > 0 else rec.new_zeros(())
         rec_loss = rec_loss + opts.perceptual_weight * p_loss
         terms = {"rec": (x - rec).abs().mean().item(), "p": p_loss.mean().item()}
@@ -849,8 +855,8 @@ def train_autoencoder(opts: AEOptions, *, log=stderr_log, callback=None) -> Trai
         state.load_module("disc", disc)
     ae.to(dist.device).train().requires_grad_(True)
     disc.to(dist.device).train()
-    opt_ae = torch.optim.Adam(ae.parameters(), lr=opts.lr, betas=(0.5, 0.9))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=opts.lr, betas=(0.5, 0.9))
+    opt_ae = torch.optim.Adam(ae.parameters(), lr=opts.lr, betas=tuple(opts.adam_betas))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=opts.lr, betas=tuple(opts.adam_betas))
     ema = EMA(ae, opts.ema_decay)
     start = 0
     if state is not None:
