@@ -296,6 +296,8 @@ def test_cli_superres_x4(x4, tmp_path, monkeypatch):
     r = _cli("superres", "--recipe", "up.png", "--out", "again.png")
     assert r.exit_code == 0, (r.stdout, r.stderr)
     assert np.array_equal(np.asarray(Image.open("again.png").convert("RGB")), up)
+    r = _cli("info", x4[0])
+    assert r.exit_code == 0 and "low-res noise levels 0..350" in r.stdout, r.stdout
 
 
 @pytest.mark.parametrize("case", ["level too high", "level on LDM-SR", "prompt on LDM-SR"])

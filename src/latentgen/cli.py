@@ -104,6 +104,7 @@ def info(
         f"conditioning  {d['conditioning']} ({d['conditioning_key']}"
         + (f", concat {d['concat']}" if d["concat"] else "")
         + (f", context {d['context_dim']}" if d["context_dim"] else "")
+        + (f", low-res noise levels 0..{d['max_noise_level']}" if d.get("max_noise_level") is not None else "")
         + ")",
         f"parameters    UNet {p['unet'] / 1e6:.2f}M, first stage {p['first_stage'] / 1e6:.2f}M, "
         f"conditioning {p['cond'] / 1e6:.2f}M",
