@@ -71,16 +71,20 @@ def diffusers_config(cfg: AutoencoderConfig) -> dict:
     )
 
 
-def test_kl_matches_diffusers(tmp_path):
-    """diffusers' own single-file conversion (convert_ldm_vae_checkpoint) and AutoencoderKL."""
+@pytest.mark.parametrize("groups", [32, 8])
+def test_kl_matches_diffusers(tmp_path, groups):
+    """diffusers' own single-file conversion (convert_ldm_vae_checkpoint) and AutoencoderKL; GroupNorm groups
+    other than the original 32 (latentgen's norm_groups = diffusers' norm_num_groups)."""
+    from dataclasses import replace
+
     from diffusers import AutoencoderKL as DiffusersKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
 
-    model = make(KL, 7)
+    model = make(replace(KL, norm_groups=groups), 7)
     ckpt = load_file(save_original_checkpoint(tmp_path / "vae.safetensors", first_stage=model))
     original_config = {"model": {"params": {"first_stage_config": {"params": KL.to_ldm_params()},
                                             "scale_factor": 0.18215}}}
-    config = create_vae_diffusers_config_from_ldm(original_config, ckpt, image_size=32)
+    config = {**create_vae_diffusers_config_from_ldm(original_config, ckpt, image_size=32), "norm_num_groups": groups}
     ref = DiffusersKL(**config).eval()
     ref.load_state_dict(convert_ldm_vae_checkpoint(ckpt, config), strict=True)
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1

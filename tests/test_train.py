@@ -367,6 +367,7 @@ def test_laplacian_pyramid_loss():
 
 @pytest.mark.parametrize("args, match", [(["train-ae", "--adam-betas", "0.9,x"], "--adam-betas takes"),
                                          (["train-ae", "--adam-betas", "0.9"], "--adam-betas takes two"),
+                                         (["train-ae", "--norm-groups", "7"], "multiples of --norm-groups 7"),
                                          (["train-ldm", "--lr-decay", "linear"], "--lr-decay must be")])
 def test_bad_training_options_one_line(tmp_path, args, match):
     from typer.testing import CliRunner

@@ -62,6 +62,7 @@ class AutoencoderConfig:
     double_z: bool = True
     n_embed: int | None = None
     dropout: float = 0.0
+    norm_groups: int = 32  # GroupNorm groups (original: 32; diffusers: norm_num_groups)
 
     def __post_init__(self) -> None:
         self.ch_mult = tuple(int(m) for m in self.ch_mult)
@@ -173,19 +174,19 @@ class AutoencoderConfig:
 # building blocks (ldm/modules/diffusionmodules/model.py)
 
 
-def normalize(channels: int) -> nn.GroupNorm:
-    """The original `Normalize`: GroupNorm with 32 groups and eps 1e-6."""
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def normalize(channels: int, groups: int = 32) -> nn.GroupNorm:
+    """The original `Normalize`: GroupNorm with 32 groups (diffusers' norm_num_groups) and eps 1e-6."""
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
     """Pre-activation residual block without time embedding (`temb_channels=0` in the first stage)."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, groups: int = 32):
         super().__init__()
-        self.norm1 = normalize(in_channels)
+        self.norm1 = normalize(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = normalize(out_channels)
+        self.norm2 = normalize(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
@@ -201,9 +202,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head spatial self-attention with 1x1-conv projections ("vanilla" attention)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int = 32):
         super().__init__()
-        self.norm = normalize(channels)
+        self.norm = normalize(channels, groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -264,11 +265,11 @@ class _Level(nn.Module):
 class _Mid(nn.Module):
     """`mid.block_1`, `mid.attn_1`, `mid.block_2`."""
 
-    def __init__(self, channels: int, dropout: float):
+    def __init__(self, channels: int, dropout: float, groups: int = 32):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels, dropout)
+        self.block_1 = ResnetBlock(channels, channels, dropout, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, dropout, groups)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(h)))
@@ -286,17 +287,17 @@ class Encoder(nn.Module):
         for i, m in enumerate(mult):
             blocks, attns = [], []
             for _ in range(cfg.num_res_blocks):
-                blocks.append(ResnetBlock(block_in, ch * m, cfg.dropout))
+                blocks.append(ResnetBlock(block_in, ch * m, cfg.dropout, cfg.norm_groups))
                 block_in = ch * m
                 if curr_res in cfg.attn_resolutions:
-                    attns.append(AttnBlock(block_in))
+                    attns.append(AttnBlock(block_in, cfg.norm_groups))
             level = _Level(blocks, attns)
             if i != len(mult) - 1:
                 level.downsample = Downsample(block_in)
                 curr_res //= 2
             self.down.append(level)
-        self.mid = _Mid(block_in, cfg.dropout)
-        self.norm_out = normalize(block_in)
+        self.mid = _Mid(block_in, cfg.dropout, cfg.norm_groups)
+        self.norm_out = normalize(block_in, cfg.norm_groups)
         self.conv_out = nn.Conv2d(block_in, 2 * cfg.z_channels if cfg.double_z else cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -319,22 +320,22 @@ class Decoder(nn.Module):
         block_in = ch * mult[-1]
         curr_res = cfg.resolution // 2 ** (len(mult) - 1)
         self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, padding=1)
-        self.mid = _Mid(block_in, cfg.dropout)
+        self.mid = _Mid(block_in, cfg.dropout, cfg.norm_groups)
         levels = []
         for i in reversed(range(len(mult))):
             blocks, attns = [], []
             for _ in range(cfg.num_res_blocks + 1):
-                blocks.append(ResnetBlock(block_in, ch * mult[i], cfg.dropout))
+                blocks.append(ResnetBlock(block_in, ch * mult[i], cfg.dropout, cfg.norm_groups))
                 block_in = ch * mult[i]
                 if curr_res in cfg.attn_resolutions:
-                    attns.append(AttnBlock(block_in))
+                    attns.append(AttnBlock(block_in, cfg.norm_groups))
             level = _Level(blocks, attns)
             if i != 0:
                 level.upsample = Upsample(block_in)
                 curr_res *= 2
             levels.insert(0, level)
         self.up = nn.ModuleList(levels)
-        self.norm_out = normalize(block_in)
+        self.norm_out = normalize(block_in, cfg.norm_groups)
         self.conv_out = nn.Conv2d(block_in, cfg.out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -349,6 +349,8 @@ def detect_config(raw: RawCheckpoint, *, ldm_config: dict | None = None, overrid
             unet_cfg = replace(unet_cfg, num_heads=-1, num_head_channels=32)
     unet_cfg = replace(unet_cfg, **{**_unet_overrides_from_hints(raw.hints), **overrides.get("unet", {})})
     cond_cfg = replace(cond_cfg, **{**_cond_overrides_from_hints(raw.hints), **overrides.get("cond", {})})
+    if (raw.hints.get("vae") or {}).get("norm_num_groups"):  # not visible in the weights
+        fs_cfg = replace(fs_cfg, norm_groups=int(raw.hints["vae"]["norm_num_groups"]))
 
     lat = fs_cfg.embed_dim
     extra_in = unet_cfg.in_channels - lat

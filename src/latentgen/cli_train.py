@@ -90,6 +90,8 @@ def train_ae(
     disc_weight: float = typer.Option(0.5, "--disc-weight", help="Weight of the adaptive adversarial loss."),
     disc_layers: int = typer.Option(3, "--disc-layers", help="PatchGAN discriminator depth."),
     disc_ch: int = typer.Option(64, "--disc-ch", help="PatchGAN discriminator base channels."),
+    norm_groups: int = typer.Option(32, "--norm-groups", help="GroupNorm groups (32 as the original; fewer keep "
+                                    "more colour contrast in narrow, flat-image models)."),  # fmt: skip
     l2_weight: float = typer.Option(0.0, "--l2-weight", help="Weight of an MSE term beside the L1 pixel loss."),
     adam_betas: str = typer.Option("0.5,0.9", "--adam-betas", help="Adam betas of autoencoder and discriminator."),
     ema_decay: float = EmaOpt,
@@ -112,7 +114,7 @@ def train_ae(
         attn_resolutions=_ints(attn_resolutions, "--attn-resolutions") or (), embed_dim=embed_dim, n_embed=n_embed,
         kl_weight=kl_weight, codebook_weight=codebook_weight, perceptual_weight=perceptual_weight,
         lpips_vgg=lpips_vgg, disc_start=disc_start, disc_weight=disc_weight, disc_layers=disc_layers,
-        disc_ch=disc_ch, l2_weight=l2_weight,
+        disc_ch=disc_ch, l2_weight=l2_weight, norm_groups=norm_groups,
         adam_betas=_floats(adam_betas, "--adam-betas"), ema_decay=ema_decay, save_every=save_every, sample_every=sample_every,
         log_every=log_every, bf16=bf16, resume=resume, overwrite=overwrite, init=init, device=device,
         save_dtype=save_dtype,

@@ -105,6 +105,7 @@ class AEOptions(RunOptions):
     disc_weight: float = 0.5
     disc_layers: int = 3
     disc_ch: int = 64
+    norm_groups: int = 32
     l2_weight: float = 0.0  # an MSE term beside L1 (pulls towards PSNR)
     adam_betas: tuple[float, float] = (0.5, 0.9)  # taming's; (0.9, 0.99) converges faster without the GAN
 
@@ -708,14 +709,15 @@ def ae_config(opts: AEOptions):
     mult = tuple(opts.ch_mult) if opts.ch_mult else (1, 2, 4, 4, 4, 4)[:levels]
     if len(mult) != levels:
         raise ConfigError(f"--ch-mult {','.join(map(str, mult))} has {len(mult)} levels; --f {opts.f} needs {levels}")
-    if any(opts.ch * m % 32 for m in mult):
-        raise ConfigError(f"--ch {opts.ch} × --ch-mult must give multiples of 32 (GroupNorm with 32 groups)")
+    if opts.norm_groups < 1 or any(opts.ch * m % opts.norm_groups for m in mult):
+        raise ConfigError(f"--ch {opts.ch} × --ch-mult must give multiples of --norm-groups {opts.norm_groups} "
+                          "(GroupNorm)")  # fmt: skip
     if opts.reg not in ("kl", "vq"):
         raise ConfigError(f"--reg must be kl or vq, not {opts.reg!r}")
     return AutoencoderConfig(
         kind=opts.reg, embed_dim=opts.embed_dim, z_channels=opts.embed_dim, ch=opts.ch, ch_mult=mult,
         num_res_blocks=opts.num_res_blocks, attn_resolutions=tuple(opts.attn_resolutions), resolution=opts.size,
-        double_z=opts.reg == "kl", n_embed=opts.n_embed if opts.reg == "vq" else None,
+        double_z=opts.reg == "kl", n_embed=opts.n_embed if opts.reg == "vq" else None, norm_groups=opts.norm_groups,
     )  # fmt: skip
 
 
