@@ -182,6 +182,9 @@ def test_l2_weight_and_adam_betas(tmp_path):
     assert l2["rec"] == pytest.approx(plain["rec"], rel=1e-6)  # same weights and batch at step 1 ...
     assert l2["loss"] > plain["loss"] + 1.0  # ... plus the summed squared error
     assert read_state(tmp_path / "b").json("run")["adam_betas"] == [0.9, 0.99]
+    grouped = train_autoencoder(AEOptions(out=str(tmp_path / "g"), norm_groups=8, **kw), **QUIET)
+    fs = load_first_stage(str(grouped.model_path))  # the group count travels in the file's config
+    assert fs.cfg.norm_groups == 8 and fs.module.decoder.norm_out.num_groups == 8
     with pytest.raises(ConfigError, match="--adam-betas"):
         train_autoencoder(AEOptions(out=str(tmp_path / "c"), adam_betas=(1.5, 0.9), **kw), **QUIET)
     assert not (tmp_path / "c").exists()
