@@ -110,14 +110,14 @@ def train_ae(
 
     opts = AEOptions(
         data=data, reg=reg, f=f, out=out, size=size, steps=steps, batch_size=batch_size, micro_batch=micro_batch,
-        lr=lr, warmup=warmup, lr_decay=lr_decay, seed=seed, ch=ch, ch_mult=_ints(ch_mult, "--ch-mult"), num_res_blocks=num_res_blocks,
-        attn_resolutions=_ints(attn_resolutions, "--attn-resolutions") or (), embed_dim=embed_dim, n_embed=n_embed,
-        kl_weight=kl_weight, codebook_weight=codebook_weight, perceptual_weight=perceptual_weight,
-        lpips_vgg=lpips_vgg, disc_start=disc_start, disc_weight=disc_weight, disc_layers=disc_layers,
-        disc_ch=disc_ch, l2_weight=l2_weight, norm_groups=norm_groups,
-        adam_betas=_floats(adam_betas, "--adam-betas"), ema_decay=ema_decay, save_every=save_every, sample_every=sample_every,
-        log_every=log_every, bf16=bf16, resume=resume, overwrite=overwrite, init=init, device=device,
-        save_dtype=save_dtype,
+        lr=lr, warmup=warmup, lr_decay=lr_decay, seed=seed, ch=ch, ch_mult=_ints(ch_mult, "--ch-mult"),
+        num_res_blocks=num_res_blocks, attn_resolutions=_ints(attn_resolutions, "--attn-resolutions") or (),
+        embed_dim=embed_dim, n_embed=n_embed, kl_weight=kl_weight, codebook_weight=codebook_weight,
+        perceptual_weight=perceptual_weight, lpips_vgg=lpips_vgg, disc_start=disc_start, disc_weight=disc_weight,
+        disc_layers=disc_layers, disc_ch=disc_ch, l2_weight=l2_weight, norm_groups=norm_groups,
+        adam_betas=_floats(adam_betas, "--adam-betas"), ema_decay=ema_decay, save_every=save_every,
+        sample_every=sample_every, log_every=log_every, bf16=bf16, resume=resume, overwrite=overwrite, init=init,
+        device=device, save_dtype=save_dtype,
     )  # fmt: skip
     _finish(train_autoencoder(opts))
 
@@ -174,9 +174,9 @@ def train_ldm(
         model_channels=model_channels, channel_mult=_ints(channel_mult, "--channel-mult"),
         num_res_blocks=num_res_blocks, attention_resolutions=_ints(attention_resolutions, "--attention-resolutions"),
         num_head_channels=num_head_channels, transformer_depth=transformer_depth, text_dim=text_dim,
-        text_layers=text_layers, text_heads=text_heads, text_length=text_length, class_dim=class_dim, scale_batches=scale_batches,
-        sample_steps=sample_steps, cache_latents=cache_latents, ema_decay=ema_decay, save_every=save_every, sample_every=sample_every,
-        log_every=log_every, bf16=bf16, resume=resume, overwrite=overwrite, init=init, device=device,
-        save_dtype=save_dtype,
+        text_layers=text_layers, text_heads=text_heads, text_length=text_length, class_dim=class_dim,
+        scale_batches=scale_batches, sample_steps=sample_steps, cache_latents=cache_latents, ema_decay=ema_decay,
+        save_every=save_every, sample_every=sample_every, log_every=log_every, bf16=bf16, resume=resume,
+        overwrite=overwrite, init=init, device=device, save_dtype=save_dtype,
     )  # fmt: skip
     _finish(run(opts))
