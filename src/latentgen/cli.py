@@ -520,6 +520,13 @@ def _recipe(path: Optional[str]) -> dict:
         raise InputError(f"{path}: damaged latentgen recipe ({e})") from e
 
 
+def _recipe_run(rec: dict, seed, model, dtype: str, prediction, ema: bool) -> tuple:
+    """Seed, model, dtype, prediction and EMA of a recipe, where the command line leaves them unset."""
+    return (rec.get("seed") if seed is None else seed, model or rec.get("model_path") or rec.get("model"),
+            rec.get("dtype", dtype) if dtype == "auto" else dtype, prediction or rec.get("prediction"),
+            ema or bool(rec.get("ema")))  # fmt: skip
+
+
 @command()
 def txt2img(
     prompt: Optional[str] = typer.Argument(None, help="The prompt, or - to read prompts / JSON lines from stdin."),
@@ -537,12 +544,8 @@ def txt2img(
     if rec:
         prompt = rec.get("prompt", "") if prompt is None else prompt
         negative = rec.get("negative", "") if negative is None else negative
-        seed = rec.get("seed") if seed is None else seed
         class_label = rec.get("class") if class_label is None else class_label
-        model = model or rec.get("model_path") or rec.get("model")
-        dtype = rec.get("dtype", dtype) if dtype == "auto" else dtype
-        prediction = prediction or rec.get("prediction")
-        ema = ema or bool(rec.get("ema"))
+        seed, model, dtype, prediction, ema = _recipe_run(rec, seed, model, dtype, prediction, ema)
     _check_num(num)
     sess = Session("txt2img", model, prediction, config, dtype, device, quiet, as_json, overwrite, out, ema)
     from . import pipelines
@@ -791,11 +794,7 @@ def superres(
         prompt = rec.get("prompt", "") if prompt is None else prompt
         negative = rec.get("negative", "") if negative is None else negative
         noise_level = rec.get("noise_level") if noise_level is None else noise_level
-        seed = rec.get("seed") if seed is None else seed
-        model = model or rec.get("model_path") or rec.get("model")
-        dtype = rec.get("dtype", dtype) if dtype == "auto" else dtype
-        prediction = prediction or rec.get("prediction")
-        ema = ema or bool(rec.get("ema"))
+        seed, model, dtype, prediction, ema = _recipe_run(rec, seed, model, dtype, prediction, ema)
     if image is None:
         raise ConfigError("superres needs an IMAGE argument (or --recipe PNG)")
     if model is None:
