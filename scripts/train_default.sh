@@ -10,6 +10,11 @@
 # Re-running resumes each stage from its folder (the options must stay the same; the cosine learning-rate decay
 # follows --steps, so change a step count only for a fresh run). Set INSTALL=0 to leave src/latentgen/assets
 # alone. On GPUs: PROCS=<number of GPUs>; the commands pick cuda:LOCAL_RANK.
+# STAGES picks stages ("ae sr txt"); AE= another autoencoder for stages 2-3; TXT_BUDGET=<seconds> shrinks the
+# text-to-image stage's steps to what fits (the log names the count; rerun with TXT_STEPS=<it> to reproduce).
+# The shipped text-to-image model was trained on one H100 with the CPU run's autoencoder (train_default.log):
+#   STAGES=txt AE=<cpu run>/ae/autoencoder.safetensors PROCS=1 TXT_BATCH=256 TXT_LR=1e-3 TXT_EMA=0.999 \
+#   TXT_DATA=shapes:200000 WORKERS=12 TXT_STEPS=<from the log> scripts/train_default.sh
 set -euo pipefail
 
 WORK=${1:-runs/default}
@@ -23,6 +28,14 @@ DATA=${DATA:-shapes:40000}
 SAVE_EVERY=${SAVE_EVERY:-500}
 SAMPLE_EVERY=${SAMPLE_EVERY:-1000}
 INSTALL=${INSTALL:-1}
+STAGES=${STAGES:-"ae sr txt"}
+AE=${AE:-$WORK/ae/autoencoder.safetensors}
+TXT_BATCH=${TXT_BATCH:-$LDM_BATCH}
+TXT_LR=${TXT_LR:-8e-4}
+TXT_EMA=${TXT_EMA:-0.998}
+TXT_DATA=${TXT_DATA:-$DATA}
+TXT_BUDGET=${TXT_BUDGET:-0}
+WORKERS=${WORKERS:-0}
 SAVE_DTYPE=${SAVE_DTYPE:-float16}
 LATENTGEN=${LATENTGEN:-"python -m torch.distributed.run --standalone --nproc_per_node $PROCS -m latentgen.cli"}
 # One thread per process: on 2 shared cores, oversubscribed threads run several times slower.
@@ -32,39 +45,47 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ASSETS="$HERE/../src/latentgen/assets"
 mkdir -p "$WORK"
 resume() { [ -f "$1/state.safetensors" ] && echo "--resume $1" || echo "--out $1"; }
-COMMON="--data $DATA --size 64 --lr-decay cosine --save-every $SAVE_EVERY --sample-every $SAMPLE_EVERY --log-every 50
+stage() { [[ " $STAGES " == *" $1 "* ]]; }
+COMMON="--size 64 --lr-decay cosine --save-every $SAVE_EVERY --sample-every $SAMPLE_EVERY --log-every 50
         --save-dtype $SAVE_DTYPE"
 
 # 1. Reconstruction first: L1 + MSE + Laplacian-pyramid loss (no VGG weights can be downloaded here), Adam
 #    (0.9, 0.99), and no adversarial term (--disc-start past the end): the CPU budget goes to PSNR, which is
 #    what the embedded model is judged on. GroupNorm with 8 groups, not 32: with 32 channels, 32 groups normalise
 #    each channel alone and wash out the colour contrast of small flat objects (measured: +2.1 dB at step 450).
+if stage ae; then
 echo "== 1/3 autoencoder ($AE_STEPS steps)" >&2
-$LATENTGEN train-ae $COMMON --reg kl --f 4 $(resume "$WORK/ae") \
+$LATENTGEN train-ae $COMMON --data "$DATA" --reg kl --f 4 $(resume "$WORK/ae") \
   --ch 32 --ch-mult 1,1,2 --num-res-blocks 1 --embed-dim 4 --norm-groups 8 \
   --steps "$AE_STEPS" --batch-size "$AE_BATCH" --lr 1e-3 --warmup 100 --adam-betas 0.9,0.99 --l2-weight 1.0 \
   --kl-weight 1e-6 --perceptual-weight 1.0 --disc-start "$AE_STEPS" --ema-decay 0.999
+fi
 
 # 2. and 3. v-prediction: its loss weighs the x0 error at high noise ~200x more than epsilon-prediction's, so
 #    the layout (from the low-res image, from the prompt) is learned in few steps; an eps model of 2500 steps
 #    had near-zero loss yet ignored its low-res input at high noise and sampled noise (13 dB).
 #    Latents are cached after the first epoch (the frozen encoder runs once per image).
+if stage sr; then
 echo "== 2/3 super-resolution LDM ($SR_STEPS steps)" >&2
-$LATENTGEN train-ldm $COMMON --ae "$WORK/ae/autoencoder.safetensors" --cond sr $(resume "$WORK/superres") \
+$LATENTGEN train-ldm $COMMON --data "$DATA" --ae "$AE" --cond sr $(resume "$WORK/superres") \
   --prediction v --cache-latents \
   --model-channels 32 --channel-mult 1,2,2 --num-res-blocks 1 --attention-resolutions 4 --num-head-channels 32 \
-  --steps "$SR_STEPS" --batch-size "$LDM_BATCH" --lr 1e-3 --warmup 100 --ema-decay 0.998
+  --steps "$SR_STEPS" --batch-size "$LDM_BATCH" --lr 1e-3 --warmup 100 --ema-decay 0.998 --workers "$WORKERS"
+fi
 
+if stage txt; then
 echo "== 3/3 text-to-image LDM ($TXT_STEPS steps)" >&2
-$LATENTGEN train-ldm $COMMON --ae "$WORK/ae/autoencoder.safetensors" --cond text $(resume "$WORK/txt2img") \
+$LATENTGEN train-ldm $COMMON --data "$TXT_DATA" --ae "$AE" --cond text $(resume "$WORK/txt2img") \
   --prediction v --cond-drop 0.1 --cache-latents \
   --model-channels 64 --channel-mult 1,2,2 --num-res-blocks 1 --attention-resolutions 2,4 --num-head-channels 32 \
   --text-dim 128 --text-layers 3 --text-heads 4 --text-length 24 \
-  --steps "$TXT_STEPS" --batch-size "$LDM_BATCH" --lr 8e-4 --warmup 100 --ema-decay 0.998
+  --steps "$TXT_STEPS" --batch-size "$TXT_BATCH" --lr "$TXT_LR" --warmup 100 --ema-decay "$TXT_EMA" \
+  --workers "$WORKERS" --time-budget "$TXT_BUDGET"
+fi
 
 if [ "$INSTALL" = 1 ]; then
-  cp "$WORK/txt2img/model.safetensors" "$ASSETS/default-txt2img.safetensors"
-  cp "$WORK/superres/model.safetensors" "$ASSETS/default-superres.safetensors"
+  if stage txt; then cp "$WORK/txt2img/model.safetensors" "$ASSETS/default-txt2img.safetensors"; fi
+  if stage sr; then cp "$WORK/superres/model.safetensors" "$ASSETS/default-superres.safetensors"; fi
   # the settings the CLI uses by default for these models (CFG measured by scripts/evaluate_default.py)
   python - "$ASSETS" "${TXT_CFG:-3.0}" <<'PY'
 import json, sys
@@ -81,5 +102,5 @@ for name, r in rec.items():
 PY
   du -ch "$ASSETS"/default-*.safetensors >&2
 fi
-echo "done: evaluate with  python $HERE/evaluate_default.py --ae $WORK/ae/autoencoder.safetensors \\" >&2
+echo "done: evaluate with  python $HERE/evaluate_default.py --ae $AE \\" >&2
 echo "      --txt2img $WORK/txt2img/model.safetensors --superres $WORK/superres/model.safetensors --out $WORK/eval" >&2

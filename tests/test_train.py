@@ -146,15 +146,30 @@ def test_cached_latents_match_encoding_every_step(tmp_path, tiny_ae, monkeypatch
     encode = AutoencoderKL.encode
     monkeypatch.setattr(AutoencoderKL, "encode", lambda self, x: calls.append(x.shape[0]) or encode(self, x))
     runs = {}
-    for cache in (False, True):
+    for cache, workers in ((False, 0), (True, 0), (True, 2)):
         calls.clear()
-        opts = ldm_opts(tmp_path, tiny_ae, cond="text", steps=4, out=str(tmp_path / f"c{cache}"), cache_latents=cache,
-                        scale_batches=1)  # fmt: skip
-        runs[cache] = (train_ldm(opts, **QUIET).losses, list(calls))
-    (plain, plain_calls), (cached, cached_calls) = runs[False], runs[True]
+        opts = ldm_opts(tmp_path, tiny_ae, cond="text", steps=4, out=str(tmp_path / f"c{cache}{workers}"),
+                        cache_latents=cache, workers=workers, scale_batches=1)  # fmt: skip
+        runs[cache, workers] = (train_ldm(opts, **QUIET).losses, list(calls))
+    (plain, plain_calls), (cached, cached_calls) = runs[False, 0], runs[True, 0]
     assert [r["loss"] for r in cached] == pytest.approx([r["loss"] for r in plain], rel=1e-5)
+    assert [r["loss"] for r in runs[True, 2][0]] == pytest.approx([r["loss"] for r in plain], rel=1e-5)
     assert sum(plain_calls) == 4 + 4 * 4  # scale measurement + every step's batch of 4 (data: 8 items)
     assert sum(cached_calls) == 4 + 8  # scale measurement + each of the 8 items once
+
+
+def test_time_budget_shrinks_steps(tmp_path, tiny_ae, monkeypatch):
+    """--time-budget measures the speed over the probe steps and cuts --steps to what fits; the run then ends
+    with a checkpoint of that step, and the log names the step count that reproduces it."""
+    from latentgen.train import Loop
+
+    monkeypatch.setattr(Loop, "PROBE", (1, 3))
+    lines = []
+    res = train_ldm(ldm_opts(tmp_path, tiny_ae, steps=1000, time_budget=1e-3), log=lines.append)
+    assert res.step == 3 and read_state(tmp_path / "run").step == 3
+    assert any("time budget: 3 steps fit" in line and "--steps 3" in line for line in lines), lines
+    res = train_ldm(ldm_opts(tmp_path, tiny_ae, steps=6, time_budget=3600, out=str(tmp_path / "ample")), **QUIET)
+    assert res.step == 6  # a budget that is not tight changes nothing
 
 
 def test_lr_decay_and_text_length(tmp_path, tiny_ae):
@@ -223,8 +238,10 @@ train_ldm(opts, log=lambda m: None)
 """
 
 
-def test_two_gloo_processes_equal_one_process(tmp_path, tiny_ae):
-    kw = dict(cond="text", steps=3, batch_size=4, lr=1e-3, cond_drop=0.5)
+@pytest.mark.parametrize("cache", [False, True])
+def test_two_gloo_processes_equal_one_process(tmp_path, tiny_ae, cache):
+    """With --cache-latents each process encodes half of the items and both gather the whole cache."""
+    kw = dict(cond="text", steps=3, batch_size=4, lr=1e-3, cond_drop=0.5, cache_latents=cache)
     one = ldm_opts(tmp_path, tiny_ae, out=str(tmp_path / "one"), micro_batch=2, **kw)
     train_ldm(one, **QUIET)
     two = dict(vars(ldm_opts(tmp_path, tiny_ae, out=str(tmp_path / "two"), **kw)))
@@ -371,7 +388,8 @@ def test_laplacian_pyramid_loss():
 @pytest.mark.parametrize("args, match", [(["train-ae", "--adam-betas", "0.9,x"], "--adam-betas takes"),
                                          (["train-ae", "--adam-betas", "0.9"], "--adam-betas takes two"),
                                          (["train-ae", "--norm-groups", "7"], "multiples of --norm-groups 7"),
-                                         (["train-ldm", "--lr-decay", "linear"], "--lr-decay must be")])
+                                         (["train-ldm", "--lr-decay", "linear"], "--lr-decay must be"),
+                                         (["train-ldm", "--time-budget", "-1"], "--time-budget must be")])
 def test_bad_training_options_one_line(tmp_path, args, match):
     from typer.testing import CliRunner
 

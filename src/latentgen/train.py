@@ -51,7 +51,7 @@ COND_CHOICES = ("none", "class", "text", "sr", "inpaint")
 # options that may change between a run and its --resume (they do not change what is computed)
 _NOT_IDENTITY = {"out", "resume", "overwrite", "steps", "save_every", "sample_every", "log_every", "device",
                  "micro_batch", "bf16", "init", "save_dtype", "sample_steps",
-                 "cache_latents"}  # fmt: skip
+                 "cache_latents", "workers", "time_budget"}  # fmt: skip
 
 
 # ================================================================================================ options
@@ -81,6 +81,7 @@ class RunOptions:
     init: str | None = None
     device: str | None = None
     save_dtype: str = "float32"  # storage of the inference file: float32 | float16 | bfloat16
+    time_budget: float = 0.0  # seconds; > 0: --steps shrinks to what fits (measured after the first steps)
 
     def identity(self) -> dict:
         """The options a --resume must repeat."""
@@ -130,6 +131,7 @@ class LDMOptions(RunOptions):
     scale_batches: int = 4
     sample_steps: int = 20
     cache_latents: bool = False
+    workers: int = 0  # DataLoader processes that render / load the items encoded for --cache-latents
 
 
 @dataclass
@@ -175,6 +177,13 @@ class Dist:
         torch.distributed.all_reduce(t)
         return dict(zip(values, (t / self.world).tolist()))
 
+    def min(self, value: int) -> int:
+        if self.world == 1:
+            return value
+        t = torch.tensor([int(value)])
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        return int(t.item())
+
     def any(self, flag: bool) -> bool:
         if self.world == 1:
             return flag
@@ -194,6 +203,8 @@ def setup_distributed(device: str | None) -> Dist:
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local)
+    if dev.type == "cuda":  # TF32 matmuls / convolutions (fp32 parameters; autocast covers --bf16)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not torch.distributed.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
@@ -284,8 +295,8 @@ class EMA:
         self.num_updates += 1
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         own = dict(self.module.named_parameters())
-        for name, p in module.named_parameters():
-            own[name].lerp_(p.detach(), 1 - d)
+        names = [n for n, _ in module.named_parameters()]
+        torch._foreach_lerp_([own[n] for n in names], [p.detach() for _, p in module.named_parameters()], 1 - d)
         own_buffers = dict(self.module.named_buffers())
         for name, b in module.named_buffers():
             own_buffers[name].copy_(b)
@@ -414,7 +425,13 @@ def lr_at(opts: RunOptions, step: int) -> float:
     return lr
 
 
+def deadline(opts: RunOptions, t_begin: float) -> float | None:
+    return t_begin + opts.time_budget if opts.time_budget > 0 else None
+
+
 def check_run_options(opts: RunOptions) -> None:
+    if opts.time_budget < 0:
+        raise ConfigError(f"--time-budget must be >= 0 seconds, not {opts.time_budget}")
     if opts.lr_decay not in ("constant", "cosine"):
         raise ConfigError(f"--lr-decay must be constant or cosine, not {opts.lr_decay!r}")
     betas = getattr(opts, "adam_betas", (0.5, 0.9))
@@ -485,13 +502,36 @@ class Loop:
     sample_fn: object
     log: object = stderr_log
     callback: object = None
+    deadline: float | None = None  # time.perf_counter() by which --time-budget wants the run finished
+
+    PROBE = (5, 35)  # --time-budget: the rate is measured between these steps of the run
+
+    def fit_budget(self, done: int, since: float) -> None:
+        """Shrink opts.steps to what fits before the deadline at the rate of the probe steps (all ranks agree).
+        The cosine decay follows the new --steps from here on; the probe's steps used the old one."""
+        now = time.perf_counter()
+        rate = (self.PROBE[1] - self.PROBE[0]) / max(now - since, 1e-9)
+        fit = self.dist.min(done + max(int(0.95 * rate * (self.deadline - now)), 0))
+        if fit < self.opts.steps:
+            self.opts.steps = max(fit, done)
+            if self.dist.main:
+                self.log(f"time budget: {self.opts.steps} steps fit ({rate:.2f} it/s measured); "
+                         f"reproduce with --steps {self.opts.steps}")  # fmt: skip
 
     def run(self, start: int, result: TrainResult) -> TrainResult:
         opts, t0 = self.opts, time.perf_counter()
+        probe_t = t0
         with StopRequest() as stop:
             for step in range(start, opts.steps):
+                if step >= opts.steps:  # --time-budget shortened the run
+                    break
                 terms = self.dist.mean(self.step_fn(step))
                 done = step + 1
+                if self.deadline is not None and done - start in self.PROBE:
+                    if done - start == self.PROBE[0]:
+                        probe_t = time.perf_counter()
+                    else:
+                        self.fit_budget(done, probe_t)
                 result.losses.append({"step": done, **terms})
                 result.step = done
                 if self.callback is not None:
@@ -834,6 +874,7 @@ def train_autoencoder(opts: AEOptions, *, log=stderr_log, callback=None) -> Trai
     from .autoencoder import AutoencoderConfig, build_autoencoder
     from .checkpoint import load_first_stage
 
+    t_begin = time.perf_counter()
     check_run_options(opts)
     dist = setup_distributed(opts.device)
     out, state = prepare_out(opts)
@@ -873,7 +914,7 @@ def train_autoencoder(opts: AEOptions, *, log=stderr_log, callback=None) -> Trai
             f"params, perceptual loss: {perceptual_name(perceptual)}, {dist.world} process(es), from step {start}")
     result = TrainResult(out, start, model_path=out / AE_FILE)
     loop = Loop(opts, dist, trainer.step, lambda s: trainer.save(out, s, meta), lambda s: trainer.sample(out, s),
-                log, callback)  # fmt: skip
+                log, callback, deadline(opts, t_begin))  # fmt: skip
     return loop.run(start, result)
 
 
@@ -976,23 +1017,51 @@ class LDMTrainer:
     opt: torch.optim.Optimizer
     emas: dict
     classes: list[str] | None = None
-    cache: dict | None = None  # data index -> encoder output (KL moments / VQ latent), with --cache-latents
+    cache: dict | None = None  # --cache-latents: {"enc": every item's encoder output, "captions": [...]}
+
+    @torch.no_grad()
+    def fill_cache(self) -> None:
+        """--cache-latents: every item's encoder output (KL moments / VQ latent) and caption, computed once up
+        front (each rank encodes its share, then all gather; --workers processes render / load the images), so
+        steps only draw the posterior noise and never touch the images again, except for sr / inpaint."""
+        from .autoencoder import DiagonalGaussian
+
+        ds, dist = self.stream.dataset, self.dist
+        per = -(-len(ds) // dist.world)
+        mine = torch.utils.data.Subset(ds, range(dist.rank * per, min(len(ds), (dist.rank + 1) * per)))
+        loader = torch.utils.data.DataLoader(mine, batch_size=max(self.plan.size, 16), num_workers=self.opts.workers)
+        encs, captions = [], []
+        for batch in loader:
+            e = self.first_stage.encode(batch["image"].to(dist.device))
+            encs.append(e.moments if isinstance(e, DiagonalGaussian) else e)
+            captions += batch["caption"]
+        enc = torch.cat(encs)
+        if dist.world > 1:
+            pad = enc.new_zeros((per - enc.shape[0], *enc.shape[1:]))
+            parts = [enc.new_empty((per, *enc.shape[1:])) for _ in range(dist.world)]
+            torch.distributed.all_gather(parts, torch.cat([enc, pad]))
+            enc = torch.cat(parts)[: len(ds)]
+            everyone: list = [None] * dist.world
+            torch.distributed.all_gather_object(everyone, captions)
+            captions = [c for part in everyone for c in part]
+        self.cache = {"enc": enc, "captions": captions}
+        if self.cfg.cond.kind == "bert":  # token ids too: the tokenizer costs ~0.15 ms per caption and step
+            unique = sorted(set(captions) | {""})
+            ids = torch.cat([self.cond.tokenize(unique[i : i + 4096]) for i in range(0, len(unique), 4096)])
+            row = {c: i for i, c in enumerate(unique)}
+            self.cache["ids"] = ids[torch.tensor([row[c] for c in captions])]
+            self.cache["empty"] = ids[row[""]]
 
     @torch.no_grad()
     def latents(self, x: torch.Tensor, g: torch.Generator | None, index: list[int] | None = None) -> torch.Tensor:
-        """Scaled latent: a posterior sample (LDM get_first_stage_encoding) × scale factor. With a cache, each
-        item's encoder output is kept after its first use, so later epochs only draw the posterior noise."""
+        """Scaled latent: a posterior sample (LDM get_first_stage_encoding) × scale factor; from the cache of
+        encoder outputs where the items' indices are given and --cache-latents is on."""
         if self.cache is None or index is None:
             z = self.first_stage.encode_latent(x, generator=g, sample=g is not None)
             return z.float() * self.cfg.scale_factor
         from .autoencoder import DiagonalGaussian
 
-        todo = [k for k, i in enumerate(index) if i not in self.cache]
-        if todo:
-            enc = self.first_stage.encode(x[todo])
-            for k, e in zip(todo, enc.moments if isinstance(enc, DiagonalGaussian) else enc):
-                self.cache[index[k]] = e.clone()
-        enc = torch.stack([self.cache[i] for i in index])
+        enc = self.cache["enc"][torch.as_tensor(index, device=self.cache["enc"].device)]
         if self.cfg.first_stage.kind == "kl":
             posterior = DiagonalGaussian(enc)
             enc = posterior.sample(g) if g is not None else posterior.mode()
@@ -1003,16 +1072,20 @@ class LDMTrainer:
 
     def conditioning(self, batch: dict, x: torch.Tensor, g: torch.Generator) -> dict:
         """Denoiser kwargs of a micro-batch; text / class dropped with probability --cond-drop."""
-        opts, kind, n = self.opts, self.cfg.cond.kind, x.shape[0]
+        opts, kind, n = self.opts, self.cfg.cond.kind, len(batch["caption"])
         drop = torch.rand(n, generator=g) < opts.cond_drop
         kw: dict = {}
-        if kind == "bert":
+        if kind == "bert" and self.cache is not None and "ids" in self.cache:
+            ids = self.cache["ids"][torch.tensor(batch["index"])]
+            ids = torch.where(drop[:, None], self.cache["empty"], ids)
+            kw["context"] = self.cond(ids.to(self.dist.device))
+        elif kind == "bert":
             prompts = ["" if d else c for c, d in zip(batch["caption"], drop.tolist())]
-            kw["context"] = self.cond(self.cond.tokenize(prompts).to(x.device))
+            kw["context"] = self.cond(self.cond.tokenize(prompts).to(self.dist.device))
         elif kind == "class":
             labels = [self.cfg.cond.null_label if d else class_label(self.stream.dataset, self.classes, c)
                       for c, d in zip(batch["caption"], drop.tolist())]  # fmt: skip
-            kw["context"] = self.cond(torch.tensor(labels, device=x.device))
+            kw["context"] = self.cond(torch.tensor(labels, device=self.dist.device))
         if self.cfg.concat == "lowres":
             kw["concat"] = self.lowres(x)
         elif self.cfg.concat == "inpaint":
@@ -1032,8 +1105,12 @@ class LDMTrainer:
         self.opt.zero_grad(set_to_none=True)
         total = 0.0
         for j in plan.mine:
-            batch = self.stream.items(indices[j * plan.size : (j + 1) * plan.size])
-            x = batch["image"].to(dist.device)
+            mine = indices[j * plan.size : (j + 1) * plan.size]
+            if self.cache is not None and self.cfg.concat is None:  # no image needed
+                batch, x = {"caption": [self.cache["captions"][i] for i in mine], "index": mine}, None
+            else:
+                batch = self.stream.items(mine)
+                x = batch["image"].to(dist.device)
             g = torch.Generator().manual_seed(step_seed(opts.seed, step, j))
             with autocast(dist, opts.bf16):
                 kw = self.conditioning(batch, x, g)
@@ -1166,6 +1243,7 @@ def train_ldm(opts: LDMOptions, *, log=stderr_log, callback=None) -> TrainResult
         raise ConfigError(f"--prediction must be eps or v, not {opts.prediction!r}")
     if not 0.0 <= opts.cond_drop < 1.0:
         raise ConfigError(f"--cond-drop must be in [0, 1), not {opts.cond_drop}")
+    t_begin = time.perf_counter()
     check_run_options(opts)
     dist = setup_distributed(opts.device)
     out, state = prepare_out(opts)
@@ -1193,8 +1271,12 @@ def train_ldm(opts: LDMOptions, *, log=stderr_log, callback=None) -> TrainResult
         state.restore(optimizers={"ldm": opt}, emas=emas)
         start = state.step
     schedule = make_schedule(cfg)
-    trainer = LDMTrainer(opts, dist, stream, plan, cfg, unet, cond, first_stage, schedule, opt, emas, classes,
-                         {} if opts.cache_latents else None)  # fmt: skip
+    trainer = LDMTrainer(opts, dist, stream, plan, cfg, unet, cond, first_stage, schedule, opt, emas, classes)
+    if opts.cache_latents:
+        t = time.perf_counter()
+        trainer.fill_cache()
+        if dist.main:
+            log(f"train-ldm: {len(dataset)} items encoded for --cache-latents in {time.perf_counter() - t:.1f} s")
     meta = {"kind": "ldm", "run": opts.identity(), "model_config": cfg.to_dict()}
     if dist.main:
         n = sum(p.numel() for p in unet.parameters()) / 1e6
@@ -1202,5 +1284,5 @@ def train_ldm(opts: LDMOptions, *, log=stderr_log, callback=None) -> TrainResult
             f"params, scale {cfg.scale_factor:.5g}, {dist.world} process(es), from step {start}")  # fmt: skip
     result = TrainResult(out, start, model_path=out / LDM_FILE)
     loop = Loop(opts, dist, trainer.step, lambda s: trainer.save(out, s, meta), lambda s: trainer.sample(out, s),
-                log, callback)  # fmt: skip
+                log, callback, deadline(opts, t_begin))  # fmt: skip
     return loop.run(start, result)
