@@ -293,6 +293,13 @@ def test_shipped_default_models_work_with_no_options(workdir):
     r = cli("txt2img", "a red circle above a blue square", "--seed", "3", "--out", "c.png", "--quiet")
     assert r.exit_code == 0, r.stderr
     assert r.stdout.strip() == "c.png" and Image.open("c.png").size == (64, 64)
+    from latentgen.data import check_image  # the pictures show what the prompt says (evaluation: 92%)
+
+    good = 0
+    for seed in range(5):
+        cli("txt2img", "a red circle above a blue square", "--seed", seed, "--out", f"s{seed}.png", "--quiet")
+        good += check_image(Image.open(f"s{seed}.png"), "a red circle above a blue square")["all"]
+    assert good >= 4, good
     Image.new("RGB", (16, 16), (200, 40, 40)).save("low.png")
     r = cli("superres", "low.png", "--seed", "3", "--steps", "4", "--out", "up.png", "--quiet")
     assert r.exit_code == 0, r.stderr

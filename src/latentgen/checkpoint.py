@@ -457,6 +457,8 @@ class ModelBundle:
     def to(self, device=None, dtype=None) -> "ModelBundle":
         for m in (self.unet, self.first_stage, self.cond):
             m.to(device=device, dtype=dtype)
+        if next(self.unet.parameters()).is_cuda:  # measured on an H100, fp16 SD 1.5 UNet: 0.84 vs 0.93 of
+            self.unet.to(memory_format=torch.channels_last)  # diffusers' step time (benchmarks/RESULTS.md)
         return self
 
 
