@@ -264,11 +264,12 @@ def test_bert_tokenizer_matches_python_bert(tmp_path):
     vocab_file = tmp_path / "vocab.txt"
     vocab_file.write_bytes(resources.files("latentgen").joinpath("assets", "bert_vocab.txt").read_bytes())
     slow = BertTokenizerLegacy(vocab_file=str(vocab_file), do_lower_case=True)
-    assert len(slow) == len(C.bert_tokenizer()) == 30522
-    want = slow(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")["input_ids"]
-    with pytest.warns(C.TruncationWarning):
-        got = C.tokenize_bert(PROMPTS)
-    assert torch.equal(got, want)
+    assert len(slow) == C.bert_tokenizer().get_vocab_size() == 30522
+    for n in (77, 24):  # 24: the shipped default's context, where shapes captions fit and long prompts are cut
+        want = slow(PROMPTS, padding="max_length", max_length=n, truncation=True, return_tensors="pt")["input_ids"]
+        with pytest.warns(C.TruncationWarning):
+            got = C.tokenize_bert(PROMPTS, max_length=n)
+        assert torch.equal(got, want), n
     lines = vocab_file.read_text().split("\n")
     assert C.tokenize_bert(["a red circle"])[0, :6].tolist() == [
         101, lines.index("a"), lines.index("red"), lines.index("circle"), 102, 0] == [101, 1037, 2417, 4418, 102, 0]

@@ -484,11 +484,26 @@ def empty_weights():
         if param is not None:
             module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
+    def skip_meta(init):  # random init of a meta tensor is a no-op, but torch routes it through its Python
+        def run(tensor, *args, **kwargs):  # refs, whose first use imports torch._dynamo (2 s of a 9 s txt2img)
+            return tensor if tensor.is_meta else init(tensor, *args, **kwargs)
+
+        return run
+
+    inits = {name: getattr(nn.init, name) for name in _INITS}
     nn.Module.register_parameter = on_meta
+    for name, init in inits.items():
+        setattr(nn.init, name, skip_meta(init))
     try:
         yield
     finally:
         nn.Module.register_parameter = register
+        for name, init in inits.items():
+            setattr(nn.init, name, init)
+
+
+_INITS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "xavier_uniform_", "xavier_normal_",
+          "kaiming_uniform_", "kaiming_normal_", "orthogonal_")
 
 
 def build_modules(cfg: ModelConfig):

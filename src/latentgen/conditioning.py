@@ -331,16 +331,24 @@ def clip_tokenizer() -> CLIPTokenizer:
 
 
 @functools.lru_cache(maxsize=1)
-def bert_tokenizer() -> BertTokenizer:
-    """bert-base-uncased WordPiece (lower-case) on the shipped vocabulary, as CompVis ``BERTTokenizer``."""
+def bert_tokenizer():
+    """bert-base-uncased WordPiece (lower-case) on the shipped vocabulary, as CompVis ``BERTTokenizer``: the
+    pipeline transformers' ``BertTokenizer`` builds (BERT normaliser and pre-tokeniser, WordPiece,
+    ``[CLS] $A [SEP]``), made with ``tokenizers`` directly: importing transformers for it costs 1.5 s."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
     tokens = _asset_bytes("bert_vocab.txt").decode("utf-8").split("\n")
     vocab = {token: i for i, token in enumerate(tokens[:BERT_VOCAB_SIZE])}
-    from transformers.models.bert.tokenization_bert import BertTokenizer
-
-    tok = BertTokenizer(vocab=vocab, do_lower_case=True)
-    if len(tok) != BERT_VOCAB_SIZE or tok.cls_token_id != BERT_CLS or tok.sep_token_id != BERT_SEP:
-        raise ConfigError(f"assets/bert_vocab.txt built a {len(tok)}-token vocabulary, not {BERT_VOCAB_SIZE}; "
-                          "reinstall latentgen")
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
+                                                lowercase=True)  # fmt: skip
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", BERT_CLS), ("[SEP]", BERT_SEP)])
+    if tok.get_vocab_size() != BERT_VOCAB_SIZE or (tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")) != (
+            BERT_CLS, BERT_SEP):  # fmt: skip
+        raise ConfigError(f"assets/bert_vocab.txt built a {tok.get_vocab_size()}-token vocabulary, not "
+                          f"{BERT_VOCAB_SIZE}; reinstall latentgen")  # fmt: skip
     return tok
 
 
@@ -377,8 +385,18 @@ def tokenize_clip(prompts: Sequence[str], pad_token_id: int = CLIP_EOS, max_leng
 
 
 def tokenize_bert(prompts: Sequence[str], max_length: int = 77) -> torch.Tensor:
-    """BERT ids ``[101, ..., 102, 0...]`` of length ``max_length`` (= CompVis BERTTokenizer)."""
-    return _pad_and_truncate(bert_tokenizer(), prompts, max_length)[0]
+    """BERT ids ``[101, ..., 102, 0...]`` of length ``max_length`` (= CompVis BERTTokenizer); over-long prompts
+    are cut, the end token kept, with a :class:`TruncationWarning`."""
+    prompts = _as_prompts(prompts)
+    out = torch.full((len(prompts), max_length), BERT_PAD, dtype=torch.long)
+    for i, enc in enumerate(bert_tokenizer().encode_batch(prompts)):
+        ids = enc.ids
+        if len(ids) > max_length:
+            warnings.warn(f"prompt {i + 1} ({prompts[i][:40]!r}...) is {len(ids)} tokens; truncated to the "
+                          f"encoder's {max_length}", TruncationWarning, stacklevel=2)  # fmt: skip
+            ids = ids[: max_length - 1] + ids[-1:]
+        out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return out
 
 
 # ----------------------------------------------------------------------------------- state-dict loading
