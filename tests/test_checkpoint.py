@@ -222,3 +222,38 @@ def test_latentgen_format_round_trip(fixtures_dir, fixture_config, tmp_path):
     # the file is also an ordinary original-layout checkpoint
     raw = read_checkpoint(out)
     assert any(k.startswith("cond_stage_model.") for k in raw.tensors)
+
+
+def test_read_converted_equals_converting_the_mapped_tensors(tmp_path):
+    """The dtype conversion at load reads the file with plain reads (no mapped pages kept): the same values as
+    converting the memory-mapped tensors, for every stored dtype; a truncated file fails clearly."""
+    from latentgen.checkpoint import read_converted, read_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"h": torch.randn(3, 5, generator=g).half(), "b": torch.randn(7, generator=g).bfloat16(),
+               "f": torch.randn(2, 2, 2, generator=g), "s": torch.tensor(2.5, dtype=torch.float16),
+               "e": torch.empty(0, 4, dtype=torch.float16)}  # fmt: skip
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path))
+    mapped, _ = read_safetensors(path)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        got = read_converted(path, list(tensors), dtype)
+        for k, v in mapped.items():
+            assert got[k].dtype == dtype and got[k].shape == v.shape and torch.equal(got[k], v.to(dtype)), k
+    path.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(CheckpointError, match="truncated"):
+        read_converted(path, list(tensors), torch.float32)
+
+
+def test_fp16_file_loads_in_fp32_exactly(fixtures_dir, fixture_config, tmp_path):
+    """A fp16 file loaded with dtype float32 holds exactly the fp16 values, upcast (through read_converted)."""
+    from latentgen.checkpoint import save_model
+
+    bundle, _, _ = load_fixture(fixtures_dir, fixture_config, "sd1-tiny")
+    half = tmp_path / "half.safetensors"
+    save_model(half, bundle.config, bundle.unet.half(), bundle.first_stage.half(), bundle.cond.half())
+    loaded = load_model(str(half), dtype=torch.float32)
+    want = load_file(str(half))
+    for name, module in (("model.diffusion_model.", loaded.unet), ("first_stage_model.", loaded.first_stage)):
+        for k, v in module.state_dict().items():
+            assert v.dtype == torch.float32 and torch.equal(v, want[name + k].float()), k

@@ -88,6 +88,31 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, meta
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}  # fmt: skip
+
+
+def read_converted(path: str | Path, keys, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Tensors `keys` of a safetensors file, read one by one with plain file reads and converted to `dtype`.
+    Converting the memory-mapped tensors instead touches every page of the mapping, and those pages count
+    towards the process's memory until the last tensor is gone: an SD 1.5 fp16 file loaded in fp32 peaked at
+    6.3 GiB that way (2.0 file + 4.3 weights), 4.4 GiB this way."""
+    out = {}
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header, base = json.loads(fh.read(n)), 8 + n
+        for k in keys:
+            info = header[k]
+            begin, end = info["data_offsets"]
+            buf = torch.empty(end - begin, dtype=torch.uint8)
+            fh.seek(base + begin)
+            if fh.readinto(buf.numpy()) != end - begin:
+                raise CheckpointError(f"{path}: truncated while reading {k}")
+            out[k] = buf.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"]).to(dtype)
+    return out
+
+
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, overwrite=True):
     """Write atomically: a kill during the write leaves the previous file intact."""
     from safetensors.torch import save_file
@@ -597,11 +622,14 @@ def bundle_from_raw(
                      "pass --prediction eps|v if images look wrong")  # fmt: skip
 
     sd = raw.tensors
-    if dtype is not None:  # convert tensor by tensor, dropping each original: weights exist once in memory
-        for k, v in sd.items():
-            schedule = k in SCHEDULE_BUFFERS or k.startswith(LOW_SCALE_PREFIX)
-            if v.is_floating_point() and v.dtype != dtype and not schedule:
-                sd[k] = v.to(dtype)
+    if dtype is not None:  # weights exist once in memory, in the asked dtype
+        todo = [k for k, v in sd.items() if v.is_floating_point() and v.dtype != dtype
+                and k not in SCHEDULE_BUFFERS and not k.startswith(LOW_SCALE_PREFIX)]  # fmt: skip
+        if raw.format != "diffusers" and Path(raw.path).is_file():
+            sd.update(read_converted(raw.path, todo, dtype))
+        else:  # a diffusers folder: its tensors were renamed and stacked from several files
+            for k in todo:
+                sd[k] = sd[k].to(dtype)
     unet_sd, fs_sd, cond_sd = (split_prefix(sd, p) for p in (UNET_PREFIX, FIRST_STAGE_PREFIX, COND_PREFIX))
     if ema:
         unet_sd = _ema_unet(sd, unet_sd, path)
