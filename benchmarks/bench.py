@@ -234,11 +234,12 @@ class Timer:
 
 
 def tokenizer_for_diffusers():
-    import copy
+    from transformers import CLIPTokenizer
 
-    from latentgen.conditioning import clip_tokenizer
+    from latentgen.conditioning import clip_bpe_vocab
 
-    tok = copy.deepcopy(clip_tokenizer())
+    vocab, merges = clip_bpe_vocab()
+    tok = CLIPTokenizer(vocab=dict(vocab), merges=list(merges))
     tok.model_max_length = 77
     return tok
 

@@ -2,7 +2,6 @@
 by the original code), the same seeds (CPU generators, one per image), scheduler and settings:
 8-bit images differ by at most 1 level on 99.9% of pixel values."""
 
-import copy
 
 import numpy as np
 import pytest
@@ -76,9 +75,13 @@ def _sd2_components(fixtures_dir, cfg):
 
 
 def _tokenizer(pad):
-    from latentgen.conditioning import clip_tokenizer
+    """transformers' CLIPTokenizer on the shipped BPE vocabulary, for the diffusers pipelines."""
+    from transformers import CLIPTokenizer
 
-    tok = copy.deepcopy(clip_tokenizer())  # the package caches one instance: never mutate it
+    from latentgen.conditioning import clip_bpe_vocab
+
+    vocab, merges = clip_bpe_vocab()
+    tok = CLIPTokenizer(vocab=dict(vocab), merges=list(merges))
     tok.model_max_length = 77
     if pad == 0:
         tok.pad_token = "!"

@@ -2,10 +2,10 @@
 
 τθ maps a prompt (or a class label) to the context y the UNet's cross-attention attends to. Four kinds:
 
-- ``clip``      SD 1.x ``FrozenCLIPEmbedder``: transformers ``CLIPTextModel`` (quick_gelu), output = last hidden
-                state after ``final_layer_norm``. Tokens padded with ``<|endoftext|>`` (49407).
-- ``open_clip`` SD 2.x ``FrozenOpenCLIPEmbedder``: the OpenCLIP text tower converted to the same ``CLIPTextModel``
-                (exact gelu); with ``layer="penultimate"`` the output is ``ln_final`` applied to the output of the
+- ``clip``      SD 1.x ``FrozenCLIPEmbedder``: the CLIP text transformer (transformers ``CLIPTextModel``, written
+                out here with its module names; quick_gelu), output = last hidden state after
+                ``final_layer_norm``. Tokens padded with ``<|endoftext|>`` (49407).
+- ``open_clip`` SD 2.x ``FrozenOpenCLIPEmbedder``: the OpenCLIP text tower converted to the same layout (exact gelu); with ``layer="penultimate"`` the output is ``ln_final`` applied to the output of the
                 second-to-last block. Tokens padded with 0.
 - ``bert``      CompVis latent-diffusion ``BERTEmbedder``: an x-transformers encoder written out here with the
                 checkpoint's module names (pre-norm, no mask, exact-GELU feed-forward), output = final norm.
@@ -18,8 +18,9 @@ so ``original_state_dict()`` is what our own checkpoints store.
 
 References: CompVis/stable-diffusion and CompVis/latent-diffusion ``ldm/modules/encoders/modules.py`` and
 ``ldm/modules/x_transformer.py``; Stability-AI/stablediffusion ``FrozenOpenCLIPEmbedder``; open_clip
-``SimpleTokenizer`` (vocabulary construction); transformers ``CLIPTextModel`` / ``CLIPTokenizer`` / ``BertTokenizer``.
-This is the only latentgen module that imports transformers.
+``SimpleTokenizer`` (vocabulary construction); transformers ``CLIPTextModel`` / ``CLIPTokenizer`` / ``BertTokenizer``,
+whose tokenizer pipelines are rebuilt here with ``tokenizers``. latentgen does not import transformers at run time
+(its import costs 1.5-4 s per process); the tests compare against it.
 """
 
 from __future__ import annotations
@@ -35,8 +36,6 @@ from importlib import resources
 import torch
 import torch.nn.functional as F
 from torch import nn
-# transformers is imported where it is used: its CLIP modules alone take seconds to import, and a BERT or
-# class-conditional model never needs them.
 
 from latentgen.errors import CheckpointError, ConfigError, InputError
 
@@ -317,17 +316,26 @@ def clip_bpe_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 
 @functools.lru_cache(maxsize=1)
-def clip_tokenizer() -> CLIPTokenizer:
-    """transformers CLIPTokenizer on the shipped BPE, padding with ``<|endoftext|>`` (SD 1.x).
+def clip_tokenizer():
+    """CLIP BPE on the shipped vocabulary: the pipeline transformers' ``CLIPTokenizer`` builds (NFC, whitespace
+    runs → one space, lower case; CLIP's split pattern, byte-level; BPE with ``</w>`` word ends;
+    ``<|startoftext|> $A <|endoftext|>``), made with ``tokenizers`` directly. Padding is applied by
+    :func:`tokenize_clip` (SD 1.x pads with ``<|endoftext|>``, SD 2.x with 0: registering '!' as a pad token, as
+    diffusers' SD 2 tokenizer does, would split every '!' in a prompt, which open_clip does not do)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
 
-    SD 2.x's pad id 0 is applied afterwards by :func:`tokenize_clip`: registering '!' as the pad token (as
-    diffusers' SD 2 tokenizer does) would make it a special token and split every '!' in a prompt, which
-    open_clip's tokenizer does not do.
-    """
     vocab, merges = clip_bpe_vocab()
-    from transformers.models.clip.tokenization_clip import CLIPTokenizer
-
-    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges))
+    tok = Tokenizer(models.BPE(vocab=dict(vocab), merges=list(merges), dropout=None, continuing_subword_prefix="",
+                               end_of_word_suffix="</w>", fuse_unk=False, unk_token=CLIP_EOT))  # fmt: skip
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                           normalizers.Lowercase()])  # fmt: skip
+    pattern = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="removed", invert=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])  # fmt: skip
+    tok.post_processor = processors.RobertaProcessing((CLIP_EOT, CLIP_EOS), (CLIP_SOT, CLIP_BOS), trim_offsets=False,
+                                                      add_prefix_space=False)  # fmt: skip
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (CLIP_SOT, CLIP_EOT)])
+    return tok
 
 
 @functools.lru_cache(maxsize=1)
@@ -352,19 +360,19 @@ def bert_tokenizer():
     return tok
 
 
-def _pad_and_truncate(tok, prompts: Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask) [B, max_length] with special tokens; over-long prompts are cut (end token kept)
-    with a :class:`TruncationWarning`."""
+def _pad_and_truncate(tok, prompts: Sequence[str], max_length: int, pad_id: int) -> torch.Tensor:
+    """Ids ``[B, max_length]`` with start/end tokens, padded with ``pad_id``; over-long prompts are cut, the end
+    token kept, with a :class:`TruncationWarning`."""
     prompts = _as_prompts(prompts)
-    lengths = [len(ids) for ids in tok(prompts)["input_ids"]]
-    for i, n in enumerate(lengths):
-        if n > max_length:
-            warnings.warn(
-                f"prompt {i + 1} ({prompts[i][:40]!r}...) is {n} tokens; truncated to the encoder's {max_length}",
-                TruncationWarning, stacklevel=3,
-            )
-    batch = tok(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-    return batch["input_ids"].long(), batch["attention_mask"]
+    out = torch.full((len(prompts), max_length), pad_id, dtype=torch.long)
+    for i, enc in enumerate(tok.encode_batch(prompts)):
+        ids = enc.ids
+        if len(ids) > max_length:
+            warnings.warn(f"prompt {i + 1} ({prompts[i][:40]!r}...) is {len(ids)} tokens; truncated to the "
+                          f"encoder's {max_length}", TruncationWarning, stacklevel=3)  # fmt: skip
+            ids = ids[: max_length - 1] + ids[-1:]
+        out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return out
 
 
 def _as_prompts(prompts) -> list[str]:
@@ -380,23 +388,12 @@ def tokenize_clip(prompts: Sequence[str], pad_token_id: int = CLIP_EOS, max_leng
     """CLIP ids ``[bos, ..., eos, pad...]`` of length ``max_length`` (= FrozenCLIPEmbedder / open_clip.tokenize)."""
     if not 0 <= pad_token_id <= CLIP_EOS:
         raise ConfigError(f"conditioning pad_token_id {pad_token_id} is not in the CLIP vocabulary (0..{CLIP_EOS})")
-    ids, mask = _pad_and_truncate(clip_tokenizer(), prompts, max_length)
-    return ids.masked_fill(mask == 0, pad_token_id)
+    return _pad_and_truncate(clip_tokenizer(), prompts, max_length, pad_token_id)
 
 
 def tokenize_bert(prompts: Sequence[str], max_length: int = 77) -> torch.Tensor:
-    """BERT ids ``[101, ..., 102, 0...]`` of length ``max_length`` (= CompVis BERTTokenizer); over-long prompts
-    are cut, the end token kept, with a :class:`TruncationWarning`."""
-    prompts = _as_prompts(prompts)
-    out = torch.full((len(prompts), max_length), BERT_PAD, dtype=torch.long)
-    for i, enc in enumerate(bert_tokenizer().encode_batch(prompts)):
-        ids = enc.ids
-        if len(ids) > max_length:
-            warnings.warn(f"prompt {i + 1} ({prompts[i][:40]!r}...) is {len(ids)} tokens; truncated to the "
-                          f"encoder's {max_length}", TruncationWarning, stacklevel=2)  # fmt: skip
-            ids = ids[: max_length - 1] + ids[-1:]
-        out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-    return out
+    """BERT ids ``[101, ..., 102, 0...]`` of length ``max_length`` (= CompVis BERTTokenizer)."""
+    return _pad_and_truncate(bert_tokenizer(), prompts, max_length, BERT_PAD)
 
 
 # ----------------------------------------------------------------------------------- state-dict loading
@@ -522,37 +519,101 @@ def clip_to_openclip(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-class _TextModelNest(nn.Module):
-    """transformers <5 nesting ``CLIPTextModel.text_model``, the layout SD 1.x files store."""
+class CLIPAttention(nn.Module):
+    """Causal multi-head self-attention with biased q, k, v and output projections (CLIP text tower)."""
 
-    def __init__(self, config: CLIPTextConfig):
+    def __init__(self, width: int, heads: int):
         super().__init__()
-        from transformers.models.clip.modeling_clip import CLIPTextModel
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(width, width) for _ in range(4))
 
-        self.text_model = CLIPTextModel(config)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = (f(x).view(b, n, self.heads, c // self.heads).transpose(1, 2)
+                   for f in (self.q_proj, self.k_proj, self.v_proj))  # fmt: skip
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, width: int, hidden: int, act: str):
+        super().__init__()
+        self.fc1, self.fc2, self.act = nn.Linear(width, hidden), nn.Linear(hidden, width), act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc1(x)
+        x = x * torch.sigmoid(1.702 * x) if self.act == "quick_gelu" else F.gelu(x)
+        return self.fc2(x)
+
+
+class CLIPEncoderLayer(nn.Module):
+    """Pre-norm residual block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, cfg: CondConfig):
+        super().__init__()
+        self.self_attn = CLIPAttention(cfg.hidden_size, cfg.num_attention_heads)
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = CLIPMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEmbeddings(nn.Module):
+    def __init__(self, cfg: CondConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, cfg: CondConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+
+class CLIPTextTransformer(nn.Module):
+    """transformers ``CLIPTextTransformer`` (Radford et al. 2021): token + learned position embeddings, causal
+    pre-norm blocks, final LayerNorm; the module names of SD 1.x files under ``transformer.text_model.``."""
+
+    def __init__(self, cfg: CondConfig):
+        super().__init__()
+        self.embeddings = CLIPEmbeddings(cfg)
+        self.encoder = CLIPEncoder(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, ids: torch.Tensor, skip_last: bool = False) -> torch.Tensor:
+        """``final_layer_norm`` of the last block's output, or of the second-to-last block's (``skip_last``)."""
+        x = self.embeddings(ids)
+        for layer in self.encoder.layers[: len(self.encoder.layers) - skip_last]:
+            x = layer(x)
+        return self.final_layer_norm(x)
+
+
+class _TextModelNest(nn.Module):
+    """The nesting ``CLIPTextModel.text_model`` that SD 1.x files store."""
+
+    def __init__(self, cfg: CondConfig):
+        super().__init__()
+        self.text_model = CLIPTextTransformer(cfg)
 
 
 class CLIPEmbedder(_Conditioner):
-    """SD 1.x FrozenCLIPEmbedder / SD 2.x FrozenOpenCLIPEmbedder as one transformers ``CLIPTextModel``.
+    """SD 1.x FrozenCLIPEmbedder / SD 2.x FrozenOpenCLIPEmbedder as one CLIP text transformer.
 
     Keys ``transformer.text_model.*``. Causal self-attention, no padding mask (as the originals).
     """
 
     def __init__(self, cfg: CondConfig):
         super().__init__(cfg)
-        from transformers.models.clip.configuration_clip import CLIPTextConfig
-        from transformers.models.clip.modeling_clip import CLIPTextModel
-
-        config = CLIPTextConfig(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-            num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-            max_position_embeddings=cfg.max_position_embeddings, hidden_act=cfg.hidden_act,
-            layer_norm_eps=cfg.layer_norm_eps, bos_token_id=CLIP_BOS, eos_token_id=CLIP_EOS,
-            pad_token_id=cfg.pad_token_id, attention_dropout=0.0,
-        )
-        model = CLIPTextModel(config)
-        # transformers <5 already nests the modules under `.text_model`; >=5 needs the extra level.
-        self.transformer = model if hasattr(model, "text_model") else _TextModelNest(config)
+        if cfg.hidden_act not in ("quick_gelu", "gelu"):
+            raise ConfigError(f"conditioning hidden_act {cfg.hidden_act!r} is unknown; use quick_gelu or gelu")
+        self.transformer = _TextModelNest(cfg)
 
     @property
     def text_model(self) -> nn.Module:
@@ -563,11 +624,7 @@ class CLIPEmbedder(_Conditioner):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Context [B, 77, D]: ``final_layer_norm`` of the last block, or of the penultimate one (SD 2.x)."""
-        penultimate = self.cfg.layer == "penultimate"
-        out = self.text_model(input_ids=ids, output_hidden_states=penultimate)
-        if penultimate:
-            return self.text_model.final_layer_norm(out.hidden_states[-2])
-        return out.last_hidden_state
+        return self.text_model(ids, skip_last=self.cfg.layer == "penultimate")
 
     def load_original_state_dict(self, sd: Mapping[str, torch.Tensor], name_prefix: str = "cond_stage_model."):
         """Accepts SD1 (``transformer.text_model.*``), OpenCLIP (``model.*``) and transformers layouts.
