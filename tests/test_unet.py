@@ -41,6 +41,21 @@ def test_unet_matches_original_code(fixtures_dir, fixture_config, name):
 
 
 @pytest.mark.parametrize("name", FIXTURES)
+def test_channels_last_unet_matches(fixtures_dir, fixture_config, name):
+    """On CUDA the loaded UNet runs in channels_last (ModelBundle.to): the same forward, any device."""
+    sd = strip_prefix(load_file(fixtures_dir / f"{name}.safetensors"), UNET_PREFIX)
+    ref = load_file(fixtures_dir / f"{name}.orig-ref.safetensors")
+    model = UNetModel(UNetConfig.from_ldm_params(unet_params(fixture_config, name))).eval()
+    model.load_state_dict(sd, strict=True)
+    with torch.no_grad():
+        plain = model(ref["in.unet.x"], ref["in.unet.t"], context=ref["in.unet.context"])
+        model.to(memory_format=torch.channels_last)
+        assert model.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+        out = model(ref["in.unet.x"], ref["in.unet.t"], context=ref["in.unet.context"])
+    assert max_scaled_err(out, plain) <= 1e-5
+
+
+@pytest.mark.parametrize("name", FIXTURES)
 def test_config_inferred_from_weights(fixtures_dir, fixture_config, name):
     sd = strip_prefix(load_file(fixtures_dir / f"{name}.safetensors"), UNET_PREFIX)
     inferred = UNetConfig.from_state_dict(sd).to_dict()
