@@ -288,6 +288,16 @@ def test_no_default_model_says_pass_model(monkeypatch, workdir):
     assert r.exit_code == 2 and "--model" in r.stderr
 
 
+def test_low_memory_gives_the_same_png(workdir):
+    """--low-memory keeps the shipped fp16 weights as stored and upcasts per layer: the very same image."""
+    for flag, name in (([], "a.png"), (["--low-memory"], "b.png")):
+        r = cli("txt2img", "a red circle", "--seed", "5", "--steps", "6", "--out", name, "--quiet", *flag)
+        assert r.exit_code == 0, r.stderr
+    assert np.array_equal(pixels("a.png"), pixels("b.png"))
+    r = cli("superres", "a.png", "--seed", "5", "--steps", "3", "--out", "up.png", "--quiet", "--low-memory")
+    assert r.exit_code == 0 and Image.open("up.png").size == (256, 256), r.stderr
+
+
 def test_shipped_default_models_work_with_no_options(workdir):
     """A fresh install: txt2img, superres and encode/decode run on the models inside the package."""
     r = cli("txt2img", "a red circle above a blue square", "--seed", "3", "--out", "c.png", "--quiet")

@@ -260,6 +260,8 @@ def _append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def _network_dtype(net, fallback: torch.dtype) -> torch.dtype:
+    if getattr(net, "compute_dtype", None) is not None:  # weights kept in a lower precision (upcast_on_use)
+        return net.compute_dtype
     params = getattr(net, "parameters", None)
     first = next(params(), None) if params is not None else None
     return first.dtype if first is not None and first.is_floating_point() else fallback

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .autoencoder import DiagonalGaussian
-from .checkpoint import ModelBundle, make_low_scale_schedule
+from .checkpoint import ModelBundle, compute_dtype, make_low_scale_schedule
 from .denoiser import (CFGDenoiser, Denoiser, get_sigmas, noise_for_img2img, prepare_noise, q_sample,
                        quantize_timesteps, strength_sigmas, to_latent)  # fmt: skip
 from .errors import ConfigError, InputError
@@ -65,8 +65,7 @@ def latent_shape(bundle: ModelBundle, n: int, width: int, height: int) -> tuple[
 
 
 def _params(bundle: ModelBundle):
-    p = next(bundle.unet.parameters())
-    return p.device, p.dtype
+    return next(bundle.unet.parameters()).device, compute_dtype(bundle.unet)
 
 
 # ------------------------------------------------------------------------------------------ conditioning
@@ -204,8 +203,7 @@ def _with_tiles(fn, x: torch.Tensor, latent_side: int, tile: int | None, overlap
 
 def decode_latents(first_stage, z: torch.Tensor, *, tile: int | None = None, overlap: int = TILE_OVERLAP) -> torch.Tensor:
     """Unscaled latent → image in about [-1, 1] (not clamped), tiled for large latents or on out-of-memory."""
-    p = next(first_stage.parameters())
-    z = z.to(p.device, p.dtype)
+    z = z.to(next(first_stage.parameters()).device, compute_dtype(first_stage))
     f = first_stage.config.factor
     return _with_tiles(first_stage.decode_latent, z, max(z.shape[-2:]), tile, overlap, 1, f, "decoder")
 
@@ -214,8 +212,7 @@ def encode_latents(first_stage, x: torch.Tensor, gens: list[torch.Generator] | N
                    tile: int | None = None, overlap: int = TILE_OVERLAP) -> torch.Tensor:  # fmt: skip
     """Image in [-1, 1] → unscaled latent. KL: the posterior parameters are blended across tiles, then the
     mode is taken, or one sample per image from its own generator (as diffusers' img2img)."""
-    p = next(first_stage.parameters())
-    x = x.to(p.device, p.dtype)
+    x = x.to(next(first_stage.parameters()).device, compute_dtype(first_stage))
     f = first_stage.config.factor
 
     def params(part):
