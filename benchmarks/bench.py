@@ -271,7 +271,7 @@ def worker_txt2img(job: dict) -> dict:
         from latentgen import pipelines
         from latentgen.checkpoint import load_model
 
-        bundle = load_model(job["model"], dtype=dtype)
+        bundle = load_model(job["model"], dtype=dtype, low_memory=True)  # the CLI default
         t_load = time.perf_counter() - t0
         timers = {"unet": Timer(bundle.unet), "decode": Timer(bundle.first_stage.decoder), "text": Timer(bundle.cond)}
         st = pipelines.Settings(steps=steps, sampler="dpmpp_2m", karras=True, spacing="leading", cfg=7.5)
@@ -302,7 +302,7 @@ def worker_decode(job: dict) -> dict:
         from latentgen import pipelines
         from latentgen.checkpoint import load_model
 
-        bundle = load_model(job["model"], dtype=dtype)
+        bundle = load_model(job["model"], dtype=dtype, low_memory=True)  # the CLI default
         t1 = time.perf_counter()
         img = pipelines.decode(bundle, z)
     else:

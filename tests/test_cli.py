@@ -289,8 +289,9 @@ def test_no_default_model_says_pass_model(monkeypatch, workdir):
 
 
 def test_low_memory_gives_the_same_png(workdir):
-    """--low-memory keeps the shipped fp16 weights as stored and upcasts per layer: the very same image."""
-    for flag, name in (([], "a.png"), (["--low-memory"], "b.png")):
+    """--low-memory (the default) keeps the shipped fp16 weights as stored and upcasts per layer: the very same
+    image as --full-weights, which upcasts them all at load."""
+    for flag, name in ((["--full-weights"], "a.png"), ([], "b.png")):
         r = cli("txt2img", "a red circle", "--seed", "5", "--steps", "6", "--out", name, "--quiet", *flag)
         assert r.exit_code == 0, r.stderr
     assert np.array_equal(pixels("a.png"), pixels("b.png"))

@@ -628,7 +628,8 @@ def bundle_from_raw(
                      "pass --prediction eps|v if images look wrong")  # fmt: skip
 
     sd = raw.tensors
-    low_memory = low_memory and dtype is not None and torch.device(device).type == "cpu" and raw.format != "diffusers"
+    low_memory = (low_memory and dtype == torch.float32 and torch.device(device).type == "cpu"
+                  and raw.format != "diffusers")  # fmt: skip
     if dtype is not None and not low_memory:  # weights exist once in memory, in the asked dtype
         todo = [k for k, v in sd.items() if v.is_floating_point() and v.dtype != dtype
                 and k not in SCHEDULE_BUFFERS and not k.startswith(LOW_SCALE_PREFIX)]  # fmt: skip

@@ -165,8 +165,9 @@ OverwriteOpt = typer.Option(False, "--overwrite", help="Replace existing output 
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress or notes on stderr.")
 ClassOpt = typer.Option(None, "--class", help="Class label for class-conditional models.")
 EmaOpt = typer.Option(False, "--ema", help="Use the checkpoint's EMA weights (model_ema.*).")
-LowMemOpt = typer.Option(False, "--low-memory", help="CPU: keep an fp16/bf16 file's weights as stored and upcast each "
-                         "layer's when it runs (same images, ~half the memory, ~10% slower).")  # fmt: skip
+LowMemOpt = typer.Option(True, "--low-memory/--full-weights", help="CPU, fp32: keep an fp16/bf16 file's weights as "
+                         "stored and upcast each layer's as it runs (the same images in about half the memory), or "
+                         "upcast them all at load.")  # fmt: skip
 
 
 def pick_device(device: str) -> str:
