@@ -389,7 +389,8 @@ def test_laplacian_pyramid_loss():
                                          (["train-ae", "--adam-betas", "0.9"], "--adam-betas takes two"),
                                          (["train-ae", "--norm-groups", "7"], "multiples of --norm-groups 7"),
                                          (["train-ldm", "--lr-decay", "linear"], "--lr-decay must be"),
-                                         (["train-ldm", "--time-budget", "-1"], "--time-budget must be")])
+                                         (["train-ldm", "--time-budget", "-1"], "--time-budget must be"),
+                                         (["train-ldm", "--workers", "-2"], "--workers must be")])
 def test_bad_training_options_one_line(tmp_path, args, match):
     from typer.testing import CliRunner
 

@@ -295,8 +295,8 @@ class EMA:
         self.num_updates += 1
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         own = dict(self.module.named_parameters())
-        names = [n for n, _ in module.named_parameters()]
-        torch._foreach_lerp_([own[n] for n in names], [p.detach() for _, p in module.named_parameters()], 1 - d)
+        params = list(module.named_parameters())
+        torch._foreach_lerp_([own[n] for n, _ in params], [p.detach() for _, p in params], 1 - d)
         own_buffers = dict(self.module.named_buffers())
         for name, b in module.named_buffers():
             own_buffers[name].copy_(b)
@@ -430,6 +430,8 @@ def deadline(opts: RunOptions, t_begin: float) -> float | None:
 
 
 def check_run_options(opts: RunOptions) -> None:
+    if getattr(opts, "workers", 0) < 0:
+        raise ConfigError(f"--workers must be >= 0, not {opts.workers}")
     if opts.time_budget < 0:
         raise ConfigError(f"--time-budget must be >= 0 seconds, not {opts.time_budget}")
     if opts.lr_decay not in ("constant", "cosine"):
