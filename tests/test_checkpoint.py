@@ -264,7 +264,8 @@ def test_low_memory_keeps_fp16_weights_and_gives_the_same_images(fixtures_dir, f
     as it runs: txt2img and img2img (encoder path) give bit-identical images to the upcast copy, in half the
     weight memory."""
     from latentgen import pipelines
-    from latentgen.checkpoint import compute_dtype, save_model
+    from latentgen.checkpoint import save_model
+    from latentgen.denoiser import network_dtype
 
     bundle, _, _ = load_fixture(fixtures_dir, fixture_config, "sd1-tiny")
     half = tmp_path / "half.safetensors"
@@ -273,7 +274,7 @@ def test_low_memory_keeps_fp16_weights_and_gives_the_same_images(fixtures_dir, f
     weight_bytes = {name: sum(p.numel() * p.element_size() for m in (b.unet, b.first_stage, b.cond)
                               for p in m.parameters()) for name, b in (("full", full), ("lean", lean))}  # fmt: skip
     assert weight_bytes["lean"] * 2 == weight_bytes["full"]
-    assert compute_dtype(lean.unet) == torch.float32 and lean.unet.input_blocks[0][0].weight.dtype == torch.float32
+    assert network_dtype(lean.unet) == torch.float32 and lean.unet.input_blocks[0][0].weight.dtype == torch.float32
     st = pipelines.Settings(steps=4, sampler="euler")
     a = pipelines.txt2img(full, ["a red cube"], ["blurry"], [3], 32, 32, st)
     b = pipelines.txt2img(lean, ["a red cube"], ["blurry"], [3], 32, 32, st)

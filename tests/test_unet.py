@@ -29,12 +29,17 @@ def build(params: dict, seed: int) -> UNetModel:
 # 1. the original code's outputs
 
 
-@pytest.mark.parametrize("name", FIXTURES)
-def test_unet_matches_original_code(fixtures_dir, fixture_config, name):
+def fixture_unet(fixtures_dir, fixture_config, name: str) -> tuple[UNetModel, dict]:
+    """The fixture's UNet with its weights, and the original code's inputs / outputs."""
     sd = strip_prefix(load_file(fixtures_dir / f"{name}.safetensors"), UNET_PREFIX)
-    ref = load_file(fixtures_dir / f"{name}.orig-ref.safetensors")
     model = UNetModel(UNetConfig.from_ldm_params(unet_params(fixture_config, name))).eval()
     model.load_state_dict(sd, strict=True)
+    return model, load_file(fixtures_dir / f"{name}.orig-ref.safetensors")
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_unet_matches_original_code(fixtures_dir, fixture_config, name):
+    model, ref = fixture_unet(fixtures_dir, fixture_config, name)
     with torch.no_grad():
         out = model(ref["in.unet.x"], ref["in.unet.t"], context=ref["in.unet.context"])
     assert max_scaled_err(out, ref["out.unet.out"]) <= 1e-5
@@ -43,10 +48,7 @@ def test_unet_matches_original_code(fixtures_dir, fixture_config, name):
 @pytest.mark.parametrize("name", FIXTURES)
 def test_channels_last_unet_matches(fixtures_dir, fixture_config, name):
     """On CUDA the loaded UNet runs in channels_last (ModelBundle.to): the same forward, any device."""
-    sd = strip_prefix(load_file(fixtures_dir / f"{name}.safetensors"), UNET_PREFIX)
-    ref = load_file(fixtures_dir / f"{name}.orig-ref.safetensors")
-    model = UNetModel(UNetConfig.from_ldm_params(unet_params(fixture_config, name))).eval()
-    model.load_state_dict(sd, strict=True)
+    model, ref = fixture_unet(fixtures_dir, fixture_config, name)
     with torch.no_grad():
         plain = model(ref["in.unet.x"], ref["in.unet.t"], context=ref["in.unet.context"])
         model.to(memory_format=torch.channels_last)

@@ -696,11 +696,6 @@ def upcast_on_use(module: nn.Module, dtype: torch.dtype) -> None:
     module.compute_dtype = dtype
 
 
-def compute_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype `module` computes in: its weights', or the one :func:`upcast_on_use` gave it."""
-    return getattr(module, "compute_dtype", None) or next(module.parameters()).dtype
-
-
 def save_model(path: str | Path, cfg: ModelConfig, unet: nn.Module, first_stage: nn.Module, cond: nn.Module,
                *, metadata: dict | None = None, overwrite: bool = True) -> None:  # fmt: skip
     """latentgen's own format: the original single-file layout + the ModelConfig as JSON metadata."""

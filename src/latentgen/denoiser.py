@@ -259,7 +259,8 @@ def _append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
     return v.reshape(v.shape + (1,) * (ndim - v.ndim))
 
 
-def _network_dtype(net, fallback: torch.dtype) -> torch.dtype:
+def network_dtype(net, fallback: torch.dtype = torch.float32) -> torch.dtype:
+    """The dtype `net` computes in: the one checkpoint.upcast_on_use gave it, else its first weight's."""
     if getattr(net, "compute_dtype", None) is not None:  # weights kept in a lower precision (upcast_on_use)
         return net.compute_dtype
     params = getattr(net, "parameters", None)
@@ -292,7 +293,7 @@ class Denoiser:
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
         s = _append_dims(sigma, x.ndim)
         c_in = 1 / (s**2 + 1).sqrt()
-        dtype = _network_dtype(self.unet, x.dtype)
+        dtype = network_dtype(self.unet, x.dtype)
         x_in = (x * c_in).to(dtype)
         if concat is not None:
             x_in = torch.cat([x_in, concat.to(dtype)], dim=1)

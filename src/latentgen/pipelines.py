@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from .autoencoder import DiagonalGaussian
-from .checkpoint import ModelBundle, compute_dtype, make_low_scale_schedule
-from .denoiser import (CFGDenoiser, Denoiser, get_sigmas, noise_for_img2img, prepare_noise, q_sample,
+from .checkpoint import ModelBundle, make_low_scale_schedule
+from .denoiser import (CFGDenoiser, Denoiser, get_sigmas, network_dtype, noise_for_img2img, prepare_noise, q_sample,
                        quantize_timesteps, strength_sigmas, to_latent)  # fmt: skip
 from .errors import ConfigError, InputError
 from .samplers import get_sampler, randn
@@ -65,7 +65,7 @@ def latent_shape(bundle: ModelBundle, n: int, width: int, height: int) -> tuple[
 
 
 def _params(bundle: ModelBundle):
-    return next(bundle.unet.parameters()).device, compute_dtype(bundle.unet)
+    return next(bundle.unet.parameters()).device, network_dtype(bundle.unet)
 
 
 # ------------------------------------------------------------------------------------------ conditioning
@@ -203,7 +203,7 @@ def _with_tiles(fn, x: torch.Tensor, latent_side: int, tile: int | None, overlap
 
 def decode_latents(first_stage, z: torch.Tensor, *, tile: int | None = None, overlap: int = TILE_OVERLAP) -> torch.Tensor:
     """Unscaled latent → image in about [-1, 1] (not clamped), tiled for large latents or on out-of-memory."""
-    z = z.to(next(first_stage.parameters()).device, compute_dtype(first_stage))
+    z = z.to(next(first_stage.parameters()).device, network_dtype(first_stage))
     f = first_stage.config.factor
     return _with_tiles(first_stage.decode_latent, z, max(z.shape[-2:]), tile, overlap, 1, f, "decoder")
 
@@ -212,7 +212,7 @@ def encode_latents(first_stage, x: torch.Tensor, gens: list[torch.Generator] | N
                    tile: int | None = None, overlap: int = TILE_OVERLAP) -> torch.Tensor:  # fmt: skip
     """Image in [-1, 1] → unscaled latent. KL: the posterior parameters are blended across tiles, then the
     mode is taken, or one sample per image from its own generator (as diffusers' img2img)."""
-    x = x.to(next(first_stage.parameters()).device, compute_dtype(first_stage))
+    x = x.to(next(first_stage.parameters()).device, network_dtype(first_stage))
     f = first_stage.config.factor
 
     def params(part):

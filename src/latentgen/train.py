@@ -177,19 +177,18 @@ class Dist:
         torch.distributed.all_reduce(t)
         return dict(zip(values, (t / self.world).tolist()))
 
-    def min(self, value: int) -> int:
+    def _reduce(self, value: int, op) -> int:
         if self.world == 1:
             return value
         t = torch.tensor([int(value)])
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        torch.distributed.all_reduce(t, op=op)
         return int(t.item())
 
+    def min(self, value: int) -> int:
+        return self._reduce(value, torch.distributed.ReduceOp.MIN)
+
     def any(self, flag: bool) -> bool:
-        if self.world == 1:
-            return flag
-        t = torch.tensor([int(flag)])
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return bool(t.item())
+        return bool(self._reduce(flag, torch.distributed.ReduceOp.MAX))
 
 
 def setup_distributed(device: str | None) -> Dist:
@@ -1077,7 +1076,7 @@ class LDMTrainer:
         opts, kind, n = self.opts, self.cfg.cond.kind, len(batch["caption"])
         drop = torch.rand(n, generator=g) < opts.cond_drop
         kw: dict = {}
-        if kind == "bert" and self.cache is not None and "ids" in self.cache:
+        if kind == "bert" and self.cache is not None:  # fill_cache tokenized every caption
             ids = self.cache["ids"][torch.tensor(batch["index"])]
             ids = torch.where(drop[:, None], self.cache["empty"], ids)
             kw["context"] = self.cond(ids.to(self.dist.device))
