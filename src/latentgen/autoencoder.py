@@ -213,7 +213,8 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         hn = self.norm(x)
-        q, k, v = (conv(hn).reshape(b, 1, c, h * w).transpose(-1, -2) for conv in (self.q, self.k, self.v))
+        # contiguous [b, 1, hw, c]: with a strided last dim SDPA falls back to its slow math path on CPU (3x here)
+        q, k, v = (conv(hn).reshape(b, 1, c, h * w).transpose(-1, -2).contiguous() for conv in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(c)) v
         out = out.transpose(-1, -2).reshape(b, c, h, w)
         return x + self.proj_out(out)
