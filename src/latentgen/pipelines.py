@@ -8,7 +8,9 @@ depends on the batch it was made in. Functions return tensors in [0, 1]; they ne
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -178,10 +180,47 @@ def blend_tiles(fn, x: torch.Tensor, tile: int, overlap: int, in_scale: int, out
     return (out / weight).to(piece.dtype)
 
 
+def _group_norm_with(m: torch.nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """GroupNorm of x with given per-sample, per-group statistics [n, groups] instead of x's own."""
+    n, c = x.shape[:2]
+    y = F.batch_norm(x.float().reshape(1, n * m.num_groups, -1), mean.flatten(), var.flatten(), eps=m.eps)
+    y = y.reshape(x.shape).to(x.dtype)
+    return y * m.weight.view(1, c, 1, 1) + m.bias.view(1, c, 1, 1) if m.affine else y
+
+
+@contextmanager
+def shared_norm_stats(fn, module: torch.nn.Module, preview: torch.Tensor):
+    """Run fn(preview) once, recording the input statistics of every GroupNorm in `module`; inside the block
+    those layers normalise with the recorded statistics instead of their input's own. Tiles decoded inside
+    then all normalise alike, as parts of one image do, so they join without seams (with per-tile statistics
+    a tile's colours and contrast drift with its content). `preview` is the whole input, subsampled to fit."""
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.GroupNorm)]
+    stats = {}
+
+    def record(m, args):
+        g = args[0].float().reshape(args[0].shape[0], m.num_groups, -1)
+        stats[m] = (g.mean(-1), g.var(-1, unbiased=False))
+
+    hooks = [m.register_forward_pre_hook(record) for m in norms]
+    try:
+        fn(preview)
+    finally:
+        for h in hooks:
+            h.remove()
+    for m in stats:
+        m.forward = partial(_group_norm_with, m, *stats[m])
+    try:
+        yield
+    finally:
+        for m in stats:
+            del m.forward  # back to GroupNorm.forward
+
+
 def _with_tiles(fn, x: torch.Tensor, latent_side: int, tile: int | None, overlap: int, in_scale: int,
-                out_scale: int, what: str) -> torch.Tensor:  # fmt: skip
+                out_scale: int, what: str, module: torch.nn.Module) -> torch.Tensor:  # fmt: skip
     """Whole when small, in tiles when large (tile=None: above AUTO_TILE; tile=0: never) or when the whole
-    input runs out of memory; tiles are halved while they still do."""
+    input runs out of memory; tiles are halved while they still do. The tiles share the GroupNorm statistics
+    of one pass over x subsampled to a tile's size (`shared_norm_stats`; `module` holds the norms)."""
     if tile is None:
         tile = AUTO_TILE if latent_side > AUTO_TILE else 0
     size = tile or latent_side
@@ -189,7 +228,9 @@ def _with_tiles(fn, x: torch.Tensor, latent_side: int, tile: int | None, overlap
         try:
             if size >= latent_side:
                 return fn(x)
-            return blend_tiles(fn, x, size, min(overlap, size // 4), in_scale, out_scale)
+            step = -(-latent_side // size)  # the preview: every step-th sample (averaging would lower the variance)
+            with shared_norm_stats(fn, module, x[..., ::step, ::step]):
+                return blend_tiles(fn, x, size, min(overlap, size // 4), in_scale, out_scale)
         except Exception as e:  # noqa: BLE001 - only allocation failures are retried
             if not is_out_of_memory(e) or size <= MIN_TILE:
                 if is_out_of_memory(e):
@@ -205,7 +246,7 @@ def decode_latents(first_stage, z: torch.Tensor, *, tile: int | None = None, ove
     """Unscaled latent → image in about [-1, 1] (not clamped), tiled for large latents or on out-of-memory."""
     z = z.to(next(first_stage.parameters()).device, network_dtype(first_stage))
     f = first_stage.config.factor
-    return _with_tiles(first_stage.decode_latent, z, max(z.shape[-2:]), tile, overlap, 1, f, "decoder")
+    return _with_tiles(first_stage.decode_latent, z, max(z.shape[-2:]), tile, overlap, 1, f, "decoder", first_stage)
 
 
 def encode_latents(first_stage, x: torch.Tensor, gens: list[torch.Generator] | None = None, *,
@@ -219,7 +260,7 @@ def encode_latents(first_stage, x: torch.Tensor, gens: list[torch.Generator] | N
         post = first_stage.encode(part)
         return post.moments if isinstance(post, DiagonalGaussian) else post
 
-    raw = _with_tiles(params, x, max(x.shape[-2:]) // f, tile, overlap, f, 1, "encoder")
+    raw = _with_tiles(params, x, max(x.shape[-2:]) // f, tile, overlap, f, 1, "encoder", first_stage)
     if first_stage.config.kind != "kl":
         return raw
     if gens is None:
