@@ -271,7 +271,12 @@ def worker_txt2img(job: dict) -> dict:
         from latentgen import pipelines
         from latentgen.checkpoint import load_model
 
-        bundle = load_model(job["model"], dtype=dtype, low_memory=True)  # the CLI default
+        from latentgen.checkpoint import prepack_convs
+
+        full = job.get("full", False)
+        bundle = load_model(job["model"], dtype=dtype, low_memory=not full)  # as the CLI, which defaults to low
+        if dtype == torch.float32:  # as the CLI does on CPU (a no-op for layers upcast on use)
+            prepack_convs(bundle.unet), prepack_convs(bundle.first_stage)
         t_load = time.perf_counter() - t0
         timers = {"unet": Timer(bundle.unet), "decode": Timer(bundle.first_stage.decoder), "text": Timer(bundle.cond)}
         st = pipelines.Settings(steps=steps, sampler="dpmpp_2m", karras=True, spacing="leading", cfg=7.5)
@@ -486,12 +491,13 @@ def bench_sd(rep: Report, src: Path, df: Path, cache: Path, steps: int, reps: in
     rows, eff_rows = [], []
     images = {}
     for dt in dtypes:
-        jobs = {f"{tool} {dt}": {"kind": "txt2img", "tool": tool, "model": str(src if tool == "latentgen" else df),
-                                 "dtype": dt, "steps": steps, "size": size,
-                                 "image": str(cache / f"sd-{tool}-{dt}-{steps}.npy")}
-                for tool in ("latentgen", "diffusers")}  # fmt: skip
+        variants = {"latentgen": ("latentgen", False), "latentgen --full-weights": ("latentgen", True),
+                    "diffusers": ("diffusers", False)}  # fmt: skip
+        jobs = {f"{name} {dt}": {"kind": "txt2img", "tool": tool, "model": str(src if tool == "latentgen" else df),
+                                 "dtype": dt, "steps": steps, "size": size, "full": full,
+                                 "image": str(cache / f"sd-{name.replace(' --', '-')}-{dt}-{steps}.npy")}
+                for name, (tool, full) in variants.items()}  # fmt: skip
         res = alternate(jobs, reps, lambda s: print(s, file=sys.stderr))
-        lg, dfr = res[f"latentgen {dt}"], res[f"diffusers {dt}"]
         for name, v in res.items():
             images[name] = np.load(jobs[name]["image"].replace(".npy", "-0.npy"))
         unet = {n: med(v, lambda r: statistics.median(r["unet_calls"])) for n, v in res.items()}
@@ -501,15 +507,16 @@ def bench_sd(rep: Report, src: Path, df: Path, cache: Path, steps: int, reps: in
         load = {n: med(v, "load_s") for n, v in res.items()}
         wall = {n: med(v, "wall_s") for n, v in res.items()}
         rss = {n: med(v, "rss_gib") for n, v in res.items()}
-        a, b = f"latentgen {dt}", f"diffusers {dt}"
+        b = f"diffusers {dt}"
         est = {n: txt[n] + 20 * unet[n] + dec[n] for n in res}
-        maxdiff = int(np.abs(images[a].astype(int) - images[b].astype(int)).max())
-        rows.append([dt, fmt(unet[a]), fmt(unet[b]), fmt(unet[a] / unet[b]), fmt(dec[a]), fmt(dec[b]),
-                     fmt(dec[a] / dec[b]), fmt(load[a]), fmt(load[b]), fmt(run[a] / run[b]), fmt(wall[a] / wall[b]),
-                     fmt(est[a]) + " / " + fmt(est[b]), fmt(est[a] / est[b]), fmt(rss[a]), fmt(rss[b]),
-                     fmt(rss[a] / rss[b]), maxdiff, lg[0]["load"] + " … " + dfr[-1]["load"]])  # fmt: skip
+        for a in (f"latentgen {dt}", f"latentgen --full-weights {dt}"):
+            maxdiff = int(np.abs(images[a].astype(int) - images[b].astype(int)).max())
+            rows.append([a.removeprefix("latentgen "), fmt(unet[a]), fmt(unet[b]), fmt(unet[a] / unet[b]), fmt(dec[a]),
+                         fmt(dec[b]), fmt(dec[a] / dec[b]), fmt(load[a]), fmt(load[b]), fmt(run[a] / run[b]),
+                         fmt(wall[a] / wall[b]), fmt(est[a]) + " / " + fmt(est[b]), fmt(est[a] / est[b]), fmt(rss[a]),
+                         fmt(rss[b]), fmt(rss[a] / rss[b]), maxdiff, res[a][0]["load"] + " … " + res[b][-1]["load"]])
         peak = matmul.get(dt)
-        for n in (a, b):
+        for n in res:
             ach = gflop / unet[n]
             eff_rows.append([n, fmt(gflop, 0), fmt(unet[n]), fmt(ach, 1), fmt(peak, 1),
                              f"{100 * ach / peak:.0f}%" if peak else "—"])
@@ -517,7 +524,7 @@ def bench_sd(rep: Report, src: Path, df: Path, cache: Path, steps: int, reps: in
             f"Median of {reps} alternating runs, each its own process. UNet s = one CFG call (batch 2); decode s = "
             "VAE decoder at 512²; run = text encode + sampling + decode; wall = process incl. imports and load. "
             "e2e@20 = text + 20 UNet calls + decode (measured directly in full mode, extrapolated in --quick).", "")
-    rep.table(["dtype", "UNet s lg", "UNet s df", "UNet ratio", "decode s lg", "decode s df", "decode ratio",
+    rep.table(["latentgen", "UNet s lg", "UNet s df", "UNet ratio", "decode s lg", "decode s df", "decode ratio",
                "load s lg", "load s df", "run ratio", "wall ratio", "e2e@20 s lg / df", "e2e@20 ratio",
                "RSS GiB lg", "RSS GiB df", "RSS ratio", "max px diff", "load avg"], rows)
     if len(dtypes) == 2:

@@ -1,12 +1,15 @@
 """Loading checkpoints by path: the ORIGINAL code's tiny checkpoints reproduce that code's outputs,
 architectures are detected from keys, full-size key sets load strictly, and bad files fail clearly."""
 
+import copy
 import json
+import os
 import struct
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from latentgen.checkpoint import RawCheckpoint, bundle_from_raw, describe, load_model, read_checkpoint
 from latentgen.denoiser import CFGDenoiser, Denoiser, get_sigmas, prepare_noise, to_latent
@@ -282,3 +285,62 @@ def test_low_memory_keeps_fp16_weights_and_gives_the_same_images(fixtures_dir, f
     a2 = pipelines.img2img(full, a, ["a blue cube"], [""], [4], st)
     b2 = pipelines.img2img(lean, a, ["a blue cube"], [""], [4], st)
     assert torch.equal(a2, b2)
+
+
+def test_low_memory_auto_upcasts_at_load_only_when_that_fits_easily(fixtures_dir, fixture_config, tmp_path,
+                                                                     monkeypatch):  # fmt: skip
+    """low_memory=None (the CLI default): full fp32 weights when they take under a third of the available memory,
+    else weights kept as stored; low memory where the available memory is unknown."""
+    import latentgen.checkpoint as ck
+    from latentgen.checkpoint import save_model
+
+    bundle, _, _ = load_fixture(fixtures_dir, fixture_config, "sd1-tiny")
+    half = tmp_path / "half.safetensors"
+    save_model(half, bundle.config, bundle.unet.half(), bundle.first_stage.half(), bundle.cond.half())
+    fp32_bytes = sum(v.numel() * 4 for v in load_file(str(half)).values() if v.is_floating_point())
+    for avail, lean in ((3 * fp32_bytes + 1, False), (3 * fp32_bytes - 1, True), (None, True)):
+        monkeypatch.setattr(ck, "available_memory", lambda avail=avail: avail)
+        conv = load_model(str(half), low_memory=None).unet.input_blocks[0][0]
+        stored = conv.parametrizations.weight.original if lean else conv.weight
+        assert stored.dtype == (torch.float16 if lean else torch.float32), avail
+    monkeypatch.undo()
+    if os.path.exists("/proc/meminfo"):
+        assert ck.available_memory() > 0
+
+
+def test_prepacked_convs_compute_what_plain_convs_do():
+    """prepack_convs (CPU fp32 generation): each Conv2d's weight is held once in oneDNN's blocked layout. Outputs
+    match nn.Conv2d at float32 precision, also for an input size other than the one packed for; `.weight`,
+    state_dict() and grad mode still see the dense weight; upcast-on-use and bf16 layers are left alone."""
+    from helpers_models import randomize_
+    from latentgen.checkpoint import PackedConv2d, prepack_convs, upcast_on_use
+    from latentgen.unet import UNetModel
+    from tiny_models import tiny_unet
+
+    torch.manual_seed(0)
+    plain = randomize_(UNetModel(tiny_unet(context_dim=16)), 1).eval().requires_grad_(False)
+    packed = copy.deepcopy(plain)
+    prepack_convs(packed)
+    convs = [m for m in packed.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(type(m) is PackedConv2d for m in convs)
+    g = torch.Generator().manual_seed(2)
+    ctx = torch.randn(2, 5, 16, generator=g)
+    with torch.no_grad():
+        for hw in ((16, 16), (24, 8), (16, 16)):  # packed at the first size; other sizes still right
+            x = torch.randn(2, 4, *hw, generator=g)
+            torch.testing.assert_close(packed(x, torch.tensor([10.0, 500.0]), ctx),
+                                       plain(x, torch.tensor([10.0, 500.0]), ctx), rtol=1e-5, atol=1e-5)  # fmt: skip
+    assert all("weight" not in m._parameters for m in convs)  # the dense copy is gone
+    sd, ref = packed.state_dict(), plain.state_dict()
+    assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)
+    assert torch.equal(convs[0].weight, plain.input_blocks[0][0].weight)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    with torch.enable_grad():
+        torch.testing.assert_close(packed(x, 3.0, ctx[:1]), plain(x, 3.0, ctx[:1]), rtol=1e-5, atol=1e-5)
+
+    lean = copy.deepcopy(plain).half()
+    upcast_on_use(lean, torch.float32)
+    bf = copy.deepcopy(plain).bfloat16()
+    for m in (lean, bf):
+        prepack_convs(m)
+        assert not any(isinstance(c, PackedConv2d) for c in m.modules())

@@ -571,7 +571,7 @@ def load_model(
     ema: bool = False,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
-    low_memory: bool = False,
+    low_memory: bool | None = False,
 ) -> ModelBundle:
     """Load a model by registry name or path (file or diffusers folder) with strict key checking.
     `low_memory`: see :func:`bundle_from_raw`."""
@@ -591,12 +591,13 @@ def bundle_from_raw(
     ema: bool = False,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
-    low_memory: bool = False,
+    low_memory: bool | None = False,
 ) -> ModelBundle:
     """Build the modules a checkpoint describes and load its weights strictly (meta tensors allowed).
     `low_memory` (CPU, a single file): weights stored in a lower precision than `dtype` stay as stored, memory-mapped,
     and each layer gets its weights upcast when it runs (:func:`upcast_on_use`): the same results, about half
-    the memory for an fp16 file computed in fp32."""
+    the memory for an fp16 file computed in fp32, about 10% slower (SD 1.5). None: low memory unless the weights
+    in `dtype` take under a third of the memory available."""
     entry = entry or {}
     path = raw.path
     if raw.format == "first_stage":
@@ -628,6 +629,10 @@ def bundle_from_raw(
                      "pass --prediction eps|v if images look wrong")  # fmt: skip
 
     sd = raw.tensors
+    if low_memory is None and dtype is not None:  # auto: all weights upcast at load (faster) when that fits easily
+        need = sum(v.numel() for v in sd.values() if v.is_floating_point()) * dtype.itemsize
+        avail = available_memory()
+        low_memory = avail is None or 3 * need > avail
     low_memory = (low_memory and dtype == torch.float32 and torch.device(device).type == "cpu"
                   and raw.format != "diffusers")  # fmt: skip
     if dtype is not None and not low_memory:  # weights exist once in memory, in the asked dtype
@@ -668,6 +673,18 @@ def bundle_from_raw(
     return bundle.to(device=device, dtype=dtype)
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux MemAvailable); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 class _Upcast(nn.Module):
     """Parametrization: a weight kept in its stored precision, used in the compute dtype."""
 
@@ -694,6 +711,45 @@ def upcast_on_use(module: nn.Module, dtype: torch.dtype) -> None:
             if b is not None and b.is_floating_point():
                 m._buffers[name] = b.to(dtype)
     module.compute_dtype = dtype
+
+
+class PackedConv2d(nn.Conv2d):
+    """Inference-only Conv2d for fp32 on CPU: the weight is held once, in oneDNN's blocked layout, instead of being
+    reordered into it on every call (F.conv2d does that; measured at SD 1.5 size: 2x faster 3x3 convs at 16x16
+    and 8x8, 10-15% at 32x32 and 64x64). Packed on the first call, for that call's input shape; other shapes
+    still work. `.weight` and `state_dict()` give a dense copy. Made by :func:`prepack_convs`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled():
+            return self._conv_forward(x, self.weight, self.bias)
+        if "weight" in self._parameters:  # first call: the dense weight gives way to the packed one
+            w = self._parameters.pop("weight").detach()
+            self.packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                w.contiguous().to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
+                list(x.shape))  # fmt: skip
+        return torch.ops.mkldnn._convolution_pointwise(x, self.packed, self.bias, list(self.padding), list(self.stride),
+                                                       list(self.dilation), self.groups, "none", [], "")  # fmt: skip
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._parameters["weight"] if "weight" in self._parameters else self.packed.to_dense()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if "weight" not in self._parameters:
+            destination[prefix + "weight"] = self.weight
+
+
+def prepack_convs(module: nn.Module) -> nn.Module:
+    """Turn `module`'s plain fp32 CPU Conv2d layers (not those upcast on use) into :class:`PackedConv2d`, for
+    generation: never for training, and the module's weights must not change afterwards."""
+    if not torch.backends.mkldnn.is_available():
+        return module
+    for m in module.modules():
+        if (type(m) is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+                and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"):  # fmt: skip
+            m.__class__ = PackedConv2d
+    return module
 
 
 def save_model(path: str | Path, cfg: ModelConfig, unet: nn.Module, first_stage: nn.Module, cond: nn.Module,

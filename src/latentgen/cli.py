@@ -165,9 +165,10 @@ OverwriteOpt = typer.Option(False, "--overwrite", help="Replace existing output 
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress or notes on stderr.")
 ClassOpt = typer.Option(None, "--class", help="Class label for class-conditional models.")
 EmaOpt = typer.Option(False, "--ema", help="Use the checkpoint's EMA weights (model_ema.*).")
-LowMemOpt = typer.Option(True, "--low-memory/--full-weights", help="CPU, fp32: keep an fp16/bf16 file's weights as "
-                         "stored and upcast each layer's as it runs (the same images in about half the memory), or "
-                         "upcast them all at load.")  # fmt: skip
+LowMemOpt = typer.Option(None, "--low-memory/--full-weights", show_default=False,
+                         help="CPU, fp32: keep an fp16/bf16 file's weights as stored and upcast each layer's as it "
+                         "runs (about half the memory, about 10% slower), or upcast them all at load. Default: full "
+                         "weights when they take under a third of the available memory.")  # fmt: skip
 
 
 def pick_device(device: str) -> str:
@@ -214,8 +215,10 @@ class Session:
     """One generation command: the model (loaded once), defaults, the output protocol and the exit code."""
 
     def __init__(self, task: str, model, prediction, config, dtype, device, quiet, as_json, overwrite, out, ema=False,
-                 low_memory=False):  # fmt: skip
-        from .checkpoint import load_model
+                 low_memory=None):  # fmt: skip
+        import torch
+
+        from .checkpoint import load_model, prepack_convs
 
         self.task, self.quiet, self.as_json, self.overwrite = task, quiet, as_json, overwrite
         self.rank, self.world = int_env("RANK", 0), int_env("WORLD_SIZE", 1)
@@ -240,6 +243,9 @@ class Session:
                                   "(python scripts/make_tiny_model.py tiny.safetensors makes a test model)") from e
         for n in self.bundle.notes:
             note(n, quiet)
+        if self.device == "cpu" and self.dtype == torch.float32:  # generation only: never for training
+            for m in (self.bundle.unet, self.bundle.first_stage):
+                prepack_convs(m)
         bp = Path(self.bundle.path)
         self.model_path = str(bp.resolve()) if bp.exists() else self.bundle.path
         self.failed = 0
@@ -540,7 +546,7 @@ def txt2img(
     width: Optional[int] = WidthOpt, height: Optional[int] = HeightOpt, out: Optional[str] = OutOpt,
     dtype: str = DtypeOpt, device: str = DeviceOpt, as_json: bool = JsonOpt, overwrite: bool = OverwriteOpt,
     quiet: bool = QuietOpt, prediction: Optional[str] = PredictionOpt, config: Optional[str] = ConfigOpt,
-    class_label: Optional[int] = ClassOpt, ema: bool = EmaOpt, low_memory: bool = LowMemOpt,
+    class_label: Optional[int] = ClassOpt, ema: bool = EmaOpt, low_memory: Optional[bool] = LowMemOpt,
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Regenerate the image whose PNG recipe this is."),
 ) -> None:
     """Generate images from text (or class labels, or nothing for unconditional models)."""
@@ -649,7 +655,7 @@ def img2img(
     cfg: Optional[float] = CfgOpt, eta: Optional[float] = EtaOpt, seed: Optional[int] = SeedOpt, num: int = NumOpt,
     out: Optional[str] = OutOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, as_json: bool = JsonOpt,
     overwrite: bool = OverwriteOpt, quiet: bool = QuietOpt, prediction: Optional[str] = PredictionOpt,
-    config: Optional[str] = ConfigOpt, ema: bool = EmaOpt, low_memory: bool = LowMemOpt,
+    config: Optional[str] = ConfigOpt, ema: bool = EmaOpt, low_memory: Optional[bool] = LowMemOpt,
 ) -> None:
     """Change an image towards a prompt (SDEdit: encode, noise to the strength's σ, denoise the tail)."""
     _check_strength(strength)
@@ -706,7 +712,7 @@ def inpaint(
     cfg: Optional[float] = CfgOpt, eta: Optional[float] = EtaOpt, seed: Optional[int] = SeedOpt, num: int = NumOpt,
     out: Optional[str] = OutOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, as_json: bool = JsonOpt,
     overwrite: bool = OverwriteOpt, quiet: bool = QuietOpt, prediction: Optional[str] = PredictionOpt,
-    config: Optional[str] = ConfigOpt, ema: bool = EmaOpt, low_memory: bool = LowMemOpt,
+    config: Optional[str] = ConfigOpt, ema: bool = EmaOpt, low_memory: Optional[bool] = LowMemOpt,
 ) -> None:
     """Repaint the white part of a mask (or the border added by --extend)."""
     import torch
@@ -783,7 +789,7 @@ def superres(
     seed: Optional[int] = SeedOpt, num: int = NumOpt, out: Optional[str] = OutOpt, dtype: str = DtypeOpt,
     device: str = DeviceOpt, as_json: bool = JsonOpt, overwrite: bool = OverwriteOpt, quiet: bool = QuietOpt,
     prediction: Optional[str] = PredictionOpt, config: Optional[str] = ConfigOpt, ema: bool = EmaOpt,
-    low_memory: bool = LowMemOpt,
+    low_memory: Optional[bool] = LowMemOpt,
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Regenerate the image whose PNG recipe this is."),
 ) -> None:
     """Upscale an image: LDM-SR (low-res image concatenated to the latent) or the SD 2 x4 upscaler (also guided
