@@ -269,12 +269,9 @@ def worker_txt2img(job: dict) -> dict:
     steps, size = job["steps"], job["size"]
     if job["tool"] == "latentgen":
         from latentgen import pipelines
-        from latentgen.checkpoint import load_model
+        from latentgen.checkpoint import load_model, prepack_convs
 
-        from latentgen.checkpoint import prepack_convs
-
-        full = job.get("full", False)
-        bundle = load_model(job["model"], dtype=dtype, low_memory=not full)  # as the CLI, which defaults to low
+        bundle = load_model(job["model"], dtype=dtype, low_memory=not job["full"])
         if dtype == torch.float32:  # as the CLI does on CPU (a no-op for layers upcast on use)
             prepack_convs(bundle.unet), prepack_convs(bundle.first_stage)
         t_load = time.perf_counter() - t0
@@ -305,9 +302,11 @@ def worker_decode(job: dict) -> dict:
     t0 = time.perf_counter()
     if job["tool"] == "latentgen":
         from latentgen import pipelines
-        from latentgen.checkpoint import load_model
+        from latentgen.checkpoint import load_model, prepack_convs
 
-        bundle = load_model(job["model"], dtype=dtype, low_memory=True)  # the CLI default
+        bundle = load_model(job["model"], dtype=dtype, low_memory=None)  # the CLI default
+        if dtype == torch.float32:
+            prepack_convs(bundle.first_stage)
         t1 = time.perf_counter()
         img = pipelines.decode(bundle, z)
     else:
@@ -491,7 +490,7 @@ def bench_sd(rep: Report, src: Path, df: Path, cache: Path, steps: int, reps: in
     rows, eff_rows = [], []
     images = {}
     for dt in dtypes:
-        variants = {"latentgen": ("latentgen", False), "latentgen --full-weights": ("latentgen", True),
+        variants = {"latentgen --low-memory": ("latentgen", False), "latentgen --full-weights": ("latentgen", True),
                     "diffusers": ("diffusers", False)}  # fmt: skip
         jobs = {f"{name} {dt}": {"kind": "txt2img", "tool": tool, "model": str(src if tool == "latentgen" else df),
                                  "dtype": dt, "steps": steps, "size": size, "full": full,
@@ -509,7 +508,7 @@ def bench_sd(rep: Report, src: Path, df: Path, cache: Path, steps: int, reps: in
         rss = {n: med(v, "rss_gib") for n, v in res.items()}
         b = f"diffusers {dt}"
         est = {n: txt[n] + 20 * unet[n] + dec[n] for n in res}
-        for a in (f"latentgen {dt}", f"latentgen --full-weights {dt}"):
+        for a in (f"latentgen --low-memory {dt}", f"latentgen --full-weights {dt}"):
             maxdiff = int(np.abs(images[a].astype(int) - images[b].astype(int)).max())
             rows.append([a.removeprefix("latentgen "), fmt(unet[a]), fmt(unet[b]), fmt(unet[a] / unet[b]), fmt(dec[a]),
                          fmt(dec[b]), fmt(dec[a] / dec[b]), fmt(load[a]), fmt(load[b]), fmt(run[a] / run[b]),
@@ -528,7 +527,7 @@ def bench_sd(rep: Report, src: Path, df: Path, cache: Path, steps: int, reps: in
                "load s lg", "load s df", "run ratio", "wall ratio", "e2e@20 s lg / df", "e2e@20 ratio",
                "RSS GiB lg", "RSS GiB df", "RSS ratio", "max px diff", "load avg"], rows)
     if len(dtypes) == 2:
-        fp32_img, bf_img = images["latentgen float32"], images["latentgen bfloat16"]
+        fp32_img, bf_img = images["latentgen --full-weights float32"], images["latentgen --full-weights bfloat16"]
         rep.add(f"SD-size bf16 vs fp32 image (same seed, {steps} steps): PSNR {psnr(bf_img, fp32_img):.1f} dB.", "")
     rep.add("### UNet compute efficiency", "")
     rep.table(["run", "GFLOP / UNet call (b=2, 64²)", "s / call", "achieved GFLOP/s", "matmul GFLOP/s (same dtype)",

@@ -12,6 +12,8 @@ file (SD 2.x 512-eps vs 768-v) is reported as a guess.
 
 from __future__ import annotations
 
+import functools
+
 import json
 import re
 from contextlib import contextmanager
@@ -629,14 +631,16 @@ def bundle_from_raw(
                      "pass --prediction eps|v if images look wrong")  # fmt: skip
 
     sd = raw.tensors
-    if low_memory is None and dtype is not None:  # auto: all weights upcast at load (faster) when that fits easily
+    cpu_file = dtype == torch.float32 and torch.device(device).type == "cpu" and raw.format != "diffusers"
+    if low_memory is None and cpu_file:  # auto: all weights upcast at load (faster) when that fits easily
         need = sum(v.numel() for v in sd.values() if v.is_floating_point()) * dtype.itemsize
         avail = available_memory()
         low_memory = avail is None or 3 * need > avail
-    low_memory = (low_memory and dtype == torch.float32 and torch.device(device).type == "cpu"
-                  and raw.format != "diffusers")  # fmt: skip
+    low_memory = bool(low_memory) and cpu_file
+    # with full weights too, the text and image encoders (run once per prompt or image) keep theirs as stored
+    keep = (COND_PREFIX, FIRST_STAGE_PREFIX + "encoder.", FIRST_STAGE_PREFIX + "quant_conv.") if cpu_file else ()
     if dtype is not None and not low_memory:  # weights exist once in memory, in the asked dtype
-        todo = [k for k, v in sd.items() if v.is_floating_point() and v.dtype != dtype
+        todo = [k for k, v in sd.items() if v.is_floating_point() and v.dtype != dtype and not k.startswith(keep)
                 and k not in SCHEDULE_BUFFERS and not k.startswith(LOW_SCALE_PREFIX)]  # fmt: skip
         if raw.format != "diffusers" and Path(raw.path).is_file():
             sd.update(read_converted(raw.path, todo, dtype))
@@ -669,6 +673,11 @@ def bundle_from_raw(
     if low_memory:
         for m in (unet, first_stage, cond):
             upcast_on_use(m, dtype)
+        return bundle
+    if keep:  # the rest was converted as it was read
+        for m in (cond, first_stage.encoder, first_stage.quant_conv):
+            upcast_on_use(m, dtype)
+        first_stage.compute_dtype = dtype
         return bundle
     return bundle.to(device=device, dtype=dtype)
 
@@ -740,10 +749,21 @@ class PackedConv2d(nn.Conv2d):
             destination[prefix + "weight"] = self.weight
 
 
+@functools.cache
+def _packing_works() -> bool:
+    """Whether this torch build runs PackedConv2d (oneDNN's packed-weight ops)."""
+    try:
+        conv = PackedConv2d(1, 1, 1).requires_grad_(False)
+        with torch.no_grad():
+            return bool(conv(torch.ones(1, 1, 2, 2)).shape == (1, 1, 2, 2))
+    except Exception:  # noqa: BLE001 - any failure means: keep plain convolutions
+        return False
+
+
 def prepack_convs(module: nn.Module) -> nn.Module:
     """Turn `module`'s plain fp32 CPU Conv2d layers (not those upcast on use) into :class:`PackedConv2d`, for
     generation: never for training, and the module's weights must not change afterwards."""
-    if not torch.backends.mkldnn.is_available():
+    if not _packing_works():
         return module
     for m in module.modules():
         if (type(m) is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str)

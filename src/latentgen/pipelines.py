@@ -8,6 +8,7 @@ depends on the batch it was made in. Functions return tensors in [0, 1]; they ne
 
 from __future__ import annotations
 
+import ctypes
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -268,8 +269,19 @@ def encode_latents(first_stage, x: torch.Tensor, gens: list[torch.Generator] | N
     return torch.cat([DiagonalGaussian(raw[i : i + 1]).sample(g) for i, g in enumerate(gens)])
 
 
+def release_free_memory() -> None:
+    """Give memory freed so far back to the OS (glibc keeps freed heap memory for reuse; the decoder's large
+    buffers come from elsewhere, so that memory would only add to its peak). A no-op without glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def decode(bundle: ModelBundle, z: torch.Tensor, tile: int | None = None) -> torch.Tensor:
     """Scaled latent → image in [0, 1] (as diffusers: (x/2 + 0.5).clamp(0, 1))."""
+    if z.device.type == "cpu":
+        release_free_memory()
     with torch.no_grad():
         img = decode_latents(bundle.first_stage, z / bundle.config.scale_factor, tile=tile)
     return (img.float() / 2 + 0.5).clamp(0, 1)
