@@ -273,7 +273,8 @@ def worker_txt2img(job: dict) -> dict:
 
         bundle = load_model(job["model"], dtype=dtype, low_memory=not job["full"])
         if dtype == torch.float32:  # as the CLI does on CPU (a no-op for layers upcast on use)
-            prepack_convs(bundle.unet), prepack_convs(bundle.first_stage)
+            for m in (bundle.unet, bundle.first_stage):
+                prepack_convs(m)
         t_load = time.perf_counter() - t0
         timers = {"unet": Timer(bundle.unet), "decode": Timer(bundle.first_stage.decoder), "text": Timer(bundle.cond)}
         st = pipelines.Settings(steps=steps, sampler="dpmpp_2m", karras=True, spacing="leading", cfg=7.5)

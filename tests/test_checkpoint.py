@@ -248,14 +248,20 @@ def test_read_converted_equals_converting_the_mapped_tensors(tmp_path):
         read_converted(path, list(tensors), torch.float32)
 
 
-def test_fp16_file_loads_in_fp32_exactly(fixtures_dir, fixture_config, tmp_path):
-    """A fp16 file loaded with dtype float32 holds exactly the fp16 values, upcast (through read_converted); on CPU
-    the text and image encoders keep theirs as stored (upcast as they run)."""
+def _half_file(fixtures_dir, fixture_config, tmp_path):
+    """The sd1-tiny fixture saved in fp16."""
     from latentgen.checkpoint import save_model
 
     bundle, _, _ = load_fixture(fixtures_dir, fixture_config, "sd1-tiny")
     half = tmp_path / "half.safetensors"
     save_model(half, bundle.config, bundle.unet.half(), bundle.first_stage.half(), bundle.cond.half())
+    return half
+
+
+def test_fp16_file_loads_in_fp32_exactly(fixtures_dir, fixture_config, tmp_path):
+    """A fp16 file loaded with dtype float32 holds exactly the fp16 values, upcast (through read_converted); on CPU
+    the text and image encoders keep theirs as stored (upcast as they run)."""
+    half = _half_file(fixtures_dir, fixture_config, tmp_path)
     loaded = load_model(str(half), dtype=torch.float32)
     want = load_file(str(half))
     for name, module in (("model.diffusion_model.", loaded.unet),
@@ -269,12 +275,9 @@ def test_low_memory_keeps_fp16_weights_and_gives_the_same_images(fixtures_dir, f
     as it runs: txt2img and img2img (encoder path) give bit-identical images to the upcast copy, in half the
     weight memory."""
     from latentgen import pipelines
-    from latentgen.checkpoint import save_model
     from latentgen.denoiser import network_dtype
 
-    bundle, _, _ = load_fixture(fixtures_dir, fixture_config, "sd1-tiny")
-    half = tmp_path / "half.safetensors"
-    save_model(half, bundle.config, bundle.unet.half(), bundle.first_stage.half(), bundle.cond.half())
+    half = _half_file(fixtures_dir, fixture_config, tmp_path)
     full, lean = load_model(str(half)), load_model(str(half), low_memory=True)
     weight_bytes = {name: sum(p.numel() * p.element_size() for m in (b.unet, b.first_stage, b.cond)
                               for p in m.parameters()) for name, b in (("full", full), ("lean", lean))}  # fmt: skip
@@ -297,11 +300,8 @@ def test_low_memory_auto_upcasts_at_load_only_when_that_fits_easily(fixtures_dir
     """low_memory=None (the CLI default): full fp32 weights when they take under a third of the available memory,
     else weights kept as stored; low memory where the available memory is unknown."""
     import latentgen.checkpoint as ck
-    from latentgen.checkpoint import save_model
 
-    bundle, _, _ = load_fixture(fixtures_dir, fixture_config, "sd1-tiny")
-    half = tmp_path / "half.safetensors"
-    save_model(half, bundle.config, bundle.unet.half(), bundle.first_stage.half(), bundle.cond.half())
+    half = _half_file(fixtures_dir, fixture_config, tmp_path)
     fp32_bytes = sum(v.numel() * 4 for v in load_file(str(half)).values() if v.is_floating_point())
     for avail, lean in ((3 * fp32_bytes + 1, False), (3 * fp32_bytes - 1, True), (None, True)):
         monkeypatch.setattr(ck, "available_memory", lambda avail=avail: avail)
