@@ -13,7 +13,6 @@ file (SD 2.x 512-eps vs 768-v) is reported as a guess.
 from __future__ import annotations
 
 import functools
-
 import json
 import re
 from contextlib import contextmanager
@@ -670,12 +669,8 @@ def bundle_from_raw(
                          make_low_scale_schedule(cfg, sd))  # fmt: skip
     for m in (unet, first_stage, cond):
         m.eval().requires_grad_(False)
-    if low_memory:
-        for m in (unet, first_stage, cond):
-            upcast_on_use(m, dtype)
-        return bundle
-    if keep:  # the rest was converted as it was read
-        for m in (cond, first_stage.encoder, first_stage.quant_conv):
+    if cpu_file:  # weights not converted as they were read are upcast as their layers run
+        for m in (unet, first_stage, cond) if low_memory else (cond, first_stage.encoder, first_stage.quant_conv):
             upcast_on_use(m, dtype)
         first_stage.compute_dtype = dtype
         return bundle
