@@ -81,22 +81,66 @@ def matmul_gflops(dtype_name: str, n: int = 1024, budget_s: float = 4.0) -> floa
 
 def sd15_ldm_config() -> dict:
     """configs/stable-diffusion/v1-inference.yaml of CompVis/stable-diffusion, as a dict."""
-    return {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": {
-        "linear_start": 0.00085, "linear_end": 0.012, "num_timesteps_cond": 1, "log_every_t": 200,
-        "timesteps": 1000, "first_stage_key": "jpg", "cond_stage_key": "txt", "image_size": 64, "channels": 4,
-        "cond_stage_trainable": False, "conditioning_key": "crossattn", "monitor": "val/loss_simple_ema",
-        "scale_factor": 0.18215, "use_ema": False,
-        "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": {
-            "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
-            "attention_resolutions": [4, 2, 1], "num_res_blocks": 2, "channel_mult": [1, 2, 4, 4], "num_heads": 8,
-            "use_spatial_transformer": True, "transformer_depth": 1, "context_dim": 768, "use_checkpoint": True,
-            "legacy": False}},
-        "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
-            "embed_dim": 4, "monitor": "val/rec_loss", "lossconfig": {"target": "torch.nn.Identity"},
-            "ddconfig": {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
-                         "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [],
-                         "dropout": 0.0}}},
-        "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}}}}  # fmt: skip
+    return {
+        "model": {
+            "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+            "params": {
+                "linear_start": 0.00085,
+                "linear_end": 0.012,
+                "num_timesteps_cond": 1,
+                "log_every_t": 200,
+                "timesteps": 1000,
+                "first_stage_key": "jpg",
+                "cond_stage_key": "txt",
+                "image_size": 64,
+                "channels": 4,
+                "cond_stage_trainable": False,
+                "conditioning_key": "crossattn",
+                "monitor": "val/loss_simple_ema",
+                "scale_factor": 0.18215,
+                "use_ema": False,
+                "unet_config": {
+                    "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+                    "params": {
+                        "image_size": 32,
+                        "in_channels": 4,
+                        "out_channels": 4,
+                        "model_channels": 320,
+                        "attention_resolutions": [4, 2, 1],
+                        "num_res_blocks": 2,
+                        "channel_mult": [1, 2, 4, 4],
+                        "num_heads": 8,
+                        "use_spatial_transformer": True,
+                        "transformer_depth": 1,
+                        "context_dim": 768,
+                        "use_checkpoint": True,
+                        "legacy": False,
+                    },
+                },
+                "first_stage_config": {
+                    "target": "ldm.models.autoencoder.AutoencoderKL",
+                    "params": {
+                        "embed_dim": 4,
+                        "monitor": "val/rec_loss",
+                        "lossconfig": {"target": "torch.nn.Identity"},
+                        "ddconfig": {
+                            "double_z": True,
+                            "z_channels": 4,
+                            "resolution": 256,
+                            "in_channels": 3,
+                            "out_ch": 3,
+                            "ch": 128,
+                            "ch_mult": [1, 2, 4, 4],
+                            "num_res_blocks": 2,
+                            "attn_resolutions": [],
+                            "dropout": 0.0,
+                        },
+                    },
+                },
+                "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"},
+            },
+        }
+    }
 
 
 def schedule_buffers() -> dict:
@@ -108,13 +152,19 @@ def schedule_buffers() -> dict:
     prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
     post_var = betas * (1 - prev) / (1 - ac)
     out = {
-        "betas": betas, "alphas_cumprod": ac, "alphas_cumprod_prev": prev, "sqrt_alphas_cumprod": ac.sqrt(),
-        "sqrt_one_minus_alphas_cumprod": (1 - ac).sqrt(), "log_one_minus_alphas_cumprod": (1 - ac).log(),
-        "sqrt_recip_alphas_cumprod": ac.rsqrt(), "sqrt_recipm1_alphas_cumprod": (1 / ac - 1).sqrt(),
-        "posterior_variance": post_var, "posterior_log_variance_clipped": post_var.clamp(min=1e-20).log(),
+        "betas": betas,
+        "alphas_cumprod": ac,
+        "alphas_cumprod_prev": prev,
+        "sqrt_alphas_cumprod": ac.sqrt(),
+        "sqrt_one_minus_alphas_cumprod": (1 - ac).sqrt(),
+        "log_one_minus_alphas_cumprod": (1 - ac).log(),
+        "sqrt_recip_alphas_cumprod": ac.rsqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1 / ac - 1).sqrt(),
+        "posterior_variance": post_var,
+        "posterior_log_variance_clipped": post_var.clamp(min=1e-20).log(),
         "posterior_mean_coef1": betas * prev.sqrt() / (1 - ac),
         "posterior_mean_coef2": (1 - prev) * (1 - betas).sqrt() / (1 - ac),
-    }  # fmt: skip
+    }
     return {k: v.float() for k, v in out.items()}
 
 
@@ -175,9 +225,17 @@ def make_diffusers_folder(src: Path, ldm_config: dict, folder: Path, text_heads:
     hidden = ckpt[pre + "embeddings.token_embedding.weight"].shape[1]
     layers = 1 + max(int(k.split(".")[5]) for k in ckpt if k.startswith(pre + "encoder.layers."))
     with torch.device("meta"):
-        text = CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-            num_attention_heads=text_heads, max_position_embeddings=77, hidden_act="quick_gelu"))  # fmt: skip
+        text = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=49408,
+                hidden_size=hidden,
+                intermediate_size=4 * hidden,
+                num_hidden_layers=layers,
+                num_attention_heads=text_heads,
+                max_position_embeddings=77,
+                hidden_act="quick_gelu",
+            )
+        )
     missing = text.load_state_dict(text_sd, strict=False, assign=True)
     assert not missing.unexpected_keys and not [k for k in missing.missing_keys if "position_ids" not in k], missing
     emb = getattr(text, "text_model", text).embeddings
@@ -190,9 +248,17 @@ def make_diffusers_folder(src: Path, ldm_config: dict, folder: Path, text_heads:
 
 def scheduler_kwargs() -> dict:
     """diffusers' DPM++ 2M Karras as latentgen's dpmpp_2m with --karras and leading spacing."""
-    return dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
-                timestep_spacing="leading", prediction_type="epsilon", algorithm_type="dpmsolver++", solver_order=2,
-                use_karras_sigmas=True)  # fmt: skip
+    return dict(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        use_karras_sigmas=True,
+    )
 
 
 def make_tiny(cache: Path) -> tuple[Path, Path]:
@@ -202,7 +268,9 @@ def make_tiny(cache: Path) -> tuple[Path, Path]:
     lg, df = cache / "tiny-sd1.safetensors", cache / "tiny-sd1-diffusers"
     cfg = json.loads((FIXTURES / "sd1-tiny.json").read_text())
     if not lg.exists():
-        b = load_model(str(FIXTURES / "sd1-tiny.safetensors"), config=cfg, overrides={"cond": {"num_attention_heads": 4}})
+        b = load_model(
+            str(FIXTURES / "sd1-tiny.safetensors"), config=cfg, overrides={"cond": {"num_attention_heads": 4}}
+        )
         b.config.name = "tiny-sd1"
         save_model(lg, b.config, b.unet, b.first_stage, b.cond)
     if not df.exists():
@@ -255,7 +323,10 @@ def load_diffusers(folder: str, dtype):
         tokenizer=tokenizer_for_diffusers(),
         unet=UNet2DConditionModel.from_pretrained(f / "unet", torch_dtype=dtype),
         scheduler=DPMSolverMultistepScheduler.from_pretrained(f / "scheduler"),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def worker_txt2img(job: dict) -> dict:
@@ -286,8 +357,16 @@ def worker_txt2img(job: dict) -> dict:
         t_load = time.perf_counter() - t0
         timers = {"unet": Timer(pipe.unet), "decode": Timer(pipe.vae.decoder), "text": Timer(pipe.text_encoder)}
         t1 = time.perf_counter()
-        img = pipe(PROMPT, negative_prompt=NEGATIVE, height=size, width=size, num_inference_steps=steps,
-                   guidance_scale=7.5, generator=torch.Generator("cpu").manual_seed(SEED), output_type="np").images[0]
+        img = pipe(
+            PROMPT,
+            negative_prompt=NEGATIVE,
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            guidance_scale=7.5,
+            generator=torch.Generator("cpu").manual_seed(SEED),
+            output_type="np",
+        ).images[0]
     t_run = time.perf_counter() - t1
     np.save(job["image"], (np.asarray(img) * 255).round().clip(0, 255).astype(np.uint8))
     return {"load_s": t_load, "run_s": t_run, **{f"{k}_calls": v.calls for k, v in timers.items()}}
@@ -323,9 +402,15 @@ def worker_diffusers_e2e(job: dict) -> dict:
     import torch
 
     pipe = load_diffusers(job["model"], getattr(torch, job["dtype"]))
-    img = pipe(PROMPT, negative_prompt=NEGATIVE, height=job["size"], width=job["size"],
-               num_inference_steps=job["steps"], guidance_scale=7.5,
-               generator=torch.Generator("cpu").manual_seed(SEED)).images[0]  # fmt: skip
+    img = pipe(
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        height=job["size"],
+        width=job["size"],
+        num_inference_steps=job["steps"],
+        guidance_scale=7.5,
+        generator=torch.Generator("cpu").manual_seed(SEED),
+    ).images[0]
     img.save(job["out"])
     return {}
 
@@ -342,8 +427,10 @@ def run_measured(cmd: list[str], env: dict | None = None) -> dict:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
     out_chunks: list[bytes] = []
     err_chunks: list[bytes] = []
-    threads = [threading.Thread(target=lambda s=s, b=b: b.append(s.read())) for s, b in
-               ((proc.stdout, out_chunks), (proc.stderr, err_chunks))]  # fmt: skip
+    threads = [
+        threading.Thread(target=lambda s=s, b=b: b.append(s.read()))
+        for s, b in ((proc.stdout, out_chunks), (proc.stderr, err_chunks))
+    ]
     for t in threads:
         t.start()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -435,10 +522,18 @@ def bench_startup(rep: Report, cache: Path, tiny_lg: Path, tiny_df: Path, reps: 
 
     lg_bin = str(Path(sys.executable).with_name("latentgen"))
     helps = [run_measured([lg_bin, "--help"])["wall_s"] for _ in range(reps)]
-    probe = subprocess.run([sys.executable, "-c", "import sys, latentgen.cli; print('torch' in sys.modules)"],
-                           capture_output=True, text=True).stdout.strip()  # fmt: skip
-    rep.add("## Start-up", "", f"`latentgen --help`: median {statistics.median(helps):.3f} s over {reps} runs "
-            f"(target < 0.3 s); torch imported by `import latentgen.cli`: {probe}. Load average: {load_average()}.", "")
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys, latentgen.cli; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    rep.add(
+        "## Start-up",
+        "",
+        f"`latentgen --help`: median {statistics.median(helps):.3f} s over {reps} runs "
+        f"(target < 0.3 s); torch imported by `import latentgen.cli`: {probe}. Load average: {load_average()}.",
+        "",
+    )
 
     size, steps = 64, 20
     rows, e2e = [], {}
@@ -447,16 +542,52 @@ def bench_startup(rep: Report, cache: Path, tiny_lg: Path, tiny_df: Path, reps: 
         for name, opt in variants:
             out = cache / f"tiny-{opt}-{r}.png"
             out.unlink(missing_ok=True)
-            res = run_measured([lg_bin, "txt2img", PROMPT, "--negative", NEGATIVE, "--model", str(tiny_lg),
-                                "--steps", str(steps), "--sampler", "dpmpp_2m", "--karras", "--spacing", "leading",
-                                "--cfg", "7.5", "--seed", str(SEED), "--width", str(size), "--height", str(size),
-                                "--dtype", opt, "--out", str(out), "--quiet", "--overwrite"])  # fmt: skip
+            res = run_measured(
+                [
+                    lg_bin,
+                    "txt2img",
+                    PROMPT,
+                    "--negative",
+                    NEGATIVE,
+                    "--model",
+                    str(tiny_lg),
+                    "--steps",
+                    str(steps),
+                    "--sampler",
+                    "dpmpp_2m",
+                    "--karras",
+                    "--spacing",
+                    "leading",
+                    "--cfg",
+                    "7.5",
+                    "--seed",
+                    str(SEED),
+                    "--width",
+                    str(size),
+                    "--height",
+                    str(size),
+                    "--dtype",
+                    opt,
+                    "--out",
+                    str(out),
+                    "--quiet",
+                    "--overwrite",
+                ]
+            )
             res["png"] = str(out)
             e2e.setdefault(name, []).append(res)
         for dname, dt in (("diffusers fp32", "float32"), ("diffusers bf16", "bfloat16")):
             out = cache / f"tiny-diffusers-{dt}-{r}.png"
-            res = run_worker({"kind": "diffusers_e2e", "model": str(tiny_df), "dtype": dt, "size": size,
-                              "steps": steps, "out": str(out)})  # fmt: skip
+            res = run_worker(
+                {
+                    "kind": "diffusers_e2e",
+                    "model": str(tiny_df),
+                    "dtype": dt,
+                    "size": size,
+                    "steps": steps,
+                    "out": str(out),
+                }
+            )
             res["png"] = str(out)
             e2e.setdefault(dname, []).append(res)
 
@@ -469,20 +600,49 @@ def bench_startup(rep: Report, cache: Path, tiny_lg: Path, tiny_df: Path, reps: 
         other = "diffusers bf16" if name.endswith("bf16") and name.startswith("latentgen") else "diffusers fp32"
         ratio = base[name] / base[other] if name.startswith("latentgen") else None
         rss_ratio = med(v, "rss_gib") / med(e2e[other], "rss_gib") if name.startswith("latentgen") else None
-        maxdiff = int(np.abs(img(name).astype(int) - img(other.replace("latentgen", "diffusers")).astype(int)).max()) \
-            if name.startswith("latentgen") else None
-        rows.append([name, fmt(base[name]), fmt(med(v, "rss_gib")), fmt(ratio), fmt(rss_ratio),
-                     fmt(psnr(img(name), ref32), 1), "—" if maxdiff is None else maxdiff, v[0]["load"]])
-    rep.add(f"## (b) Tiny SD1-like model (sd1-tiny fixture), process start to PNG written", "",
-            f"txt2img {size}x{size}, {steps} steps dpmpp_2m Karras, CFG 7.5, seed {SEED}; median of {reps}, "
-            "alternating. Ratios vs diffusers fp32 (bf16 rows vs diffusers bf16). PSNR vs latentgen fp32 image.", "")
-    rep.table(["run", "wall s", "peak RSS GiB", "wall ratio", "RSS ratio", "PSNR dB vs fp32",
-               "max px diff vs diffusers", "load avg (1st run)"], rows)
+        maxdiff = (
+            int(np.abs(img(name).astype(int) - img(other.replace("latentgen", "diffusers")).astype(int)).max())
+            if name.startswith("latentgen")
+            else None
+        )
+        rows.append(
+            [
+                name,
+                fmt(base[name]),
+                fmt(med(v, "rss_gib")),
+                fmt(ratio),
+                fmt(rss_ratio),
+                fmt(psnr(img(name), ref32), 1),
+                "—" if maxdiff is None else maxdiff,
+                v[0]["load"],
+            ]
+        )
+    rep.add(
+        "## (b) Tiny SD1-like model (sd1-tiny fixture), process start to PNG written",
+        "",
+        f"txt2img {size}x{size}, {steps} steps dpmpp_2m Karras, CFG 7.5, seed {SEED}; median of {reps}, "
+        "alternating. Ratios vs diffusers fp32 (bf16 rows vs diffusers bf16). PSNR vs latentgen fp32 image.",
+        "",
+    )
+    rep.table(
+        [
+            "run",
+            "wall s",
+            "peak RSS GiB",
+            "wall ratio",
+            "RSS ratio",
+            "PSNR dB vs fp32",
+            "max px diff vs diffusers",
+            "load avg (1st run)",
+        ],
+        rows,
+    )
     return {"help_s": statistics.median(helps), "tiny": base}
 
 
-def bench_sd(rep: Report, src: Path, df: Path, cache: Path, steps: int, reps: int, dtypes: list[str],
-             matmul: dict) -> None:
+def bench_sd(
+    rep: Report, src: Path, df: Path, cache: Path, steps: int, reps: int, dtypes: list[str], matmul: dict
+) -> None:
     import numpy as np
 
     size = 512
@@ -491,14 +651,26 @@ def bench_sd(rep: Report, src: Path, df: Path, cache: Path, steps: int, reps: in
     rows, eff_rows = [], []
     images = {}
     for dt in dtypes:
-        variants = {"latentgen --low-memory": ("latentgen", False), "latentgen --full-weights": ("latentgen", True),
-                    "diffusers": ("diffusers", False)}  # fmt: skip
-        jobs = {f"{name} {dt}": {"kind": "txt2img", "tool": tool, "model": str(src if tool == "latentgen" else df),
-                                 "dtype": dt, "steps": steps, "size": size, "full": full,
-                                 "image": str(cache / f"sd-{name.replace(' --', '-')}-{dt}-{steps}.npy")}
-                for name, (tool, full) in variants.items()}  # fmt: skip
+        variants = {
+            "latentgen --low-memory": ("latentgen", False),
+            "latentgen --full-weights": ("latentgen", True),
+            "diffusers": ("diffusers", False),
+        }
+        jobs = {
+            f"{name} {dt}": {
+                "kind": "txt2img",
+                "tool": tool,
+                "model": str(src if tool == "latentgen" else df),
+                "dtype": dt,
+                "steps": steps,
+                "size": size,
+                "full": full,
+                "image": str(cache / f"sd-{name.replace(' --', '-')}-{dt}-{steps}.npy"),
+            }
+            for name, (tool, full) in variants.items()
+        }
         res = alternate(jobs, reps, lambda s: print(s, file=sys.stderr))
-        for name, v in res.items():
+        for name in res:
             images[name] = np.load(jobs[name]["image"].replace(".npy", "-0.npy"))
         unet = {n: med(v, lambda r: statistics.median(r["unet_calls"])) for n, v in res.items()}
         dec = {n: med(v, lambda r: sum(r["decode_calls"])) for n, v in res.items()}
@@ -511,28 +683,80 @@ def bench_sd(rep: Report, src: Path, df: Path, cache: Path, steps: int, reps: in
         est = {n: txt[n] + 20 * unet[n] + dec[n] for n in res}
         for a in (f"latentgen --low-memory {dt}", f"latentgen --full-weights {dt}"):
             maxdiff = int(np.abs(images[a].astype(int) - images[b].astype(int)).max())
-            rows.append([a.removeprefix("latentgen "), fmt(unet[a]), fmt(unet[b]), fmt(unet[a] / unet[b]), fmt(dec[a]),
-                         fmt(dec[b]), fmt(dec[a] / dec[b]), fmt(load[a]), fmt(load[b]), fmt(run[a] / run[b]),
-                         fmt(wall[a] / wall[b]), fmt(est[a]) + " / " + fmt(est[b]), fmt(est[a] / est[b]), fmt(rss[a]),
-                         fmt(rss[b]), fmt(rss[a] / rss[b]), maxdiff, res[a][0]["load"] + " … " + res[b][-1]["load"]])
+            rows.append(
+                [
+                    a.removeprefix("latentgen "),
+                    fmt(unet[a]),
+                    fmt(unet[b]),
+                    fmt(unet[a] / unet[b]),
+                    fmt(dec[a]),
+                    fmt(dec[b]),
+                    fmt(dec[a] / dec[b]),
+                    fmt(load[a]),
+                    fmt(load[b]),
+                    fmt(run[a] / run[b]),
+                    fmt(wall[a] / wall[b]),
+                    fmt(est[a]) + " / " + fmt(est[b]),
+                    fmt(est[a] / est[b]),
+                    fmt(rss[a]),
+                    fmt(rss[b]),
+                    fmt(rss[a] / rss[b]),
+                    maxdiff,
+                    res[a][0]["load"] + " … " + res[b][-1]["load"],
+                ]
+            )
         peak = matmul.get(dt)
         for n in res:
             ach = gflop / unet[n]
-            eff_rows.append([n, fmt(gflop, 0), fmt(unet[n]), fmt(ach, 1), fmt(peak, 1),
-                             f"{100 * ach / peak:.0f}%" if peak else "—"])
-    rep.add(f"## (a) SD 1.5-size (random weights, 860M UNet), 512x512, dpmpp_2m Karras, CFG 7.5, {steps} steps", "",
-            f"Median of {reps} alternating runs, each its own process. UNet s = one CFG call (batch 2); decode s = "
-            "VAE decoder at 512²; run = text encode + sampling + decode; wall = process incl. imports and load. "
-            "e2e@20 = text + 20 UNet calls + decode (measured directly in full mode, extrapolated in --quick).", "")
-    rep.table(["latentgen", "UNet s lg", "UNet s df", "UNet ratio", "decode s lg", "decode s df", "decode ratio",
-               "load s lg", "load s df", "run ratio", "wall ratio", "e2e@20 s lg / df", "e2e@20 ratio",
-               "RSS GiB lg", "RSS GiB df", "RSS ratio", "max px diff", "load avg"], rows)
+            eff_rows.append(
+                [n, fmt(gflop, 0), fmt(unet[n]), fmt(ach, 1), fmt(peak, 1), f"{100 * ach / peak:.0f}%" if peak else "—"]
+            )
+    rep.add(
+        f"## (a) SD 1.5-size (random weights, 860M UNet), 512x512, dpmpp_2m Karras, CFG 7.5, {steps} steps",
+        "",
+        f"Median of {reps} alternating runs, each its own process. UNet s = one CFG call (batch 2); decode s = "
+        "VAE decoder at 512²; run = text encode + sampling + decode; wall = process incl. imports and load. "
+        "e2e@20 = text + 20 UNet calls + decode (measured directly in full mode, extrapolated in --quick).",
+        "",
+    )
+    rep.table(
+        [
+            "latentgen",
+            "UNet s lg",
+            "UNet s df",
+            "UNet ratio",
+            "decode s lg",
+            "decode s df",
+            "decode ratio",
+            "load s lg",
+            "load s df",
+            "run ratio",
+            "wall ratio",
+            "e2e@20 s lg / df",
+            "e2e@20 ratio",
+            "RSS GiB lg",
+            "RSS GiB df",
+            "RSS ratio",
+            "max px diff",
+            "load avg",
+        ],
+        rows,
+    )
     if len(dtypes) == 2:
         fp32_img, bf_img = images["latentgen --full-weights float32"], images["latentgen --full-weights bfloat16"]
         rep.add(f"SD-size bf16 vs fp32 image (same seed, {steps} steps): PSNR {psnr(bf_img, fp32_img):.1f} dB.", "")
     rep.add("### UNet compute efficiency", "")
-    rep.table(["run", "GFLOP / UNet call (b=2, 64²)", "s / call", "achieved GFLOP/s", "matmul GFLOP/s (same dtype)",
-               "efficiency"], eff_rows)
+    rep.table(
+        [
+            "run",
+            "GFLOP / UNet call (b=2, 64²)",
+            "s / call",
+            "achieved GFLOP/s",
+            "matmul GFLOP/s (same dtype)",
+            "efficiency",
+        ],
+        eff_rows,
+    )
 
 
 def bench_decode_2048(rep: Report, src: Path, df: Path) -> None:
@@ -540,9 +764,13 @@ def bench_decode_2048(rep: Report, src: Path, df: Path) -> None:
     for tool, model in (("latentgen", src), ("diffusers", df)):
         res = run_worker({"kind": "decode", "tool": tool, "model": str(model), "dtype": "float32", "size": 2048})
         rows.append([tool, fmt(res["run_s"], 1), fmt(res["rss_gib"]), res["load"]])
-    rep.add("## 2048x2048 VAE decode (SD-size autoencoder, fp32, tiled)", "",
-            "latentgen: pipelines.decode (tiles above 768 px automatically); diffusers: vae.enable_tiling(). "
-            "Target: latentgen peak RSS <= 8 GiB. RSS includes the whole loaded model.", "")
+    rep.add(
+        "## 2048x2048 VAE decode (SD-size autoencoder, fp32, tiled)",
+        "",
+        "latentgen: pipelines.decode (tiles above 768 px automatically); diffusers: vae.enable_tiling(). "
+        "Target: latentgen peak RSS <= 8 GiB. RSS includes the whole loaded model.",
+        "",
+    )
     rep.table(["tool", "decode s", "peak RSS GiB", "load avg"], rows)
 
 
@@ -552,8 +780,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="repetitions of each measured job (median reported)")
     ap.add_argument("--sd-reps", type=int, default=None, help="repetitions of the SD-size jobs")
     ap.add_argument("--cache", default=str(HERE / ".cache"), help="where the random weights are kept")
-    ap.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
-                    help="SD-size bf16 runs: auto = only on CPUs with native bf16 (AMX / avx512_bf16)")
+    ap.add_argument(
+        "--bf16",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="SD-size bf16 runs: auto = only on CPUs with native bf16 (AMX / avx512_bf16)",
+    )
     ap.add_argument("--skip", default="", help="comma list of sections to skip: startup,sd,decode2048")
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -573,17 +805,22 @@ def main() -> None:
     bf16 = native_bf16() if args.bf16 == "auto" else args.bf16 == "on"
     from latentgen.cli import pick_dtype
 
-    rep.add("# latentgen vs diffusers benchmark", "",
-            f"Generated by `python benchmarks/bench.py{' --quick' if args.quick else ''}` on "
-            f"{time.strftime('%Y-%m-%d %H:%M')}.", "",
-            f"- CPU: {cpu_model()}, {os.cpu_count()} cores, native bf16 (AMX / avx512_bf16): {native_bf16()}",
-            f"- torch {torch.__version__} (capability {torch.backends.cpu.get_cpu_capability()}, "
-            f"{torch.get_num_threads()} threads); python {platform.python_version()}",
-            f"- measured matmul: fp32 {matmul['float32']:.1f} GFLOP/s (1024²), bf16 {matmul['bfloat16']:.1f} "
-            "GFLOP/s (512²)",
-            f"- `--dtype auto` on this CPU picks: {pick_dtype('auto', 'cpu')}",
-            f"- load average at start: {load_average()} (the machine is shared: timings are noisy; ratios come "
-            "from alternating runs)", "")
+    rep.add(
+        "# latentgen vs diffusers benchmark",
+        "",
+        f"Generated by `python benchmarks/bench.py{' --quick' if args.quick else ''}` on "
+        f"{time.strftime('%Y-%m-%d %H:%M')}.",
+        "",
+        f"- CPU: {cpu_model()}, {os.cpu_count()} cores, native bf16 (AMX / avx512_bf16): {native_bf16()}",
+        f"- torch {torch.__version__} (capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"{torch.get_num_threads()} threads); python {platform.python_version()}",
+        f"- measured matmul: fp32 {matmul['float32']:.1f} GFLOP/s (1024²), bf16 {matmul['bfloat16']:.1f} "
+        "GFLOP/s (512²)",
+        f"- `--dtype auto` on this CPU picks: {pick_dtype('auto', 'cpu')}",
+        f"- load average at start: {load_average()} (the machine is shared: timings are noisy; ratios come "
+        "from alternating runs)",
+        "",
+    )
     if "startup" not in skip:
         tiny_lg, tiny_df = make_tiny(cache)
         bench_startup(rep, cache, tiny_lg, tiny_df, args.reps, bf16)
@@ -591,12 +828,23 @@ def main() -> None:
         src, df = make_sd15(cache)
     if "sd" not in skip:
         dtypes = ["float32"] + (["bfloat16"] if bf16 else [])
-        bench_sd(rep, src, df, cache, 2 if args.quick else 20, args.sd_reps or (args.reps if args.quick else 1),
-                 dtypes, matmul)  # fmt: skip
+        bench_sd(
+            rep,
+            src,
+            df,
+            cache,
+            2 if args.quick else 20,
+            args.sd_reps or (args.reps if args.quick else 1),
+            dtypes,
+            matmul,
+        )
         if not bf16:
-            rep.add(f"SD-size bf16 not run: this CPU has no native bf16 (bf16 matmul {matmul['bfloat16']:.1f} vs fp32 "
-                    f"{matmul['float32']:.1f} GFLOP/s); `--dtype auto` picks fp32 here, so the auto row equals fp32. "
-                    "Force with --bf16 on.", "")
+            rep.add(
+                f"SD-size bf16 not run: this CPU has no native bf16 (bf16 matmul {matmul['bfloat16']:.1f} vs fp32 "
+                f"{matmul['float32']:.1f} GFLOP/s); `--dtype auto` picks fp32 here, so the auto row equals fp32. "
+                "Force with --bf16 on.",
+                "",
+            )
     if "decode2048" not in skip and not args.quick:
         bench_decode_2048(rep, src, df)
     Path(args.out).write_text("\n".join(rep.lines) + "\n")

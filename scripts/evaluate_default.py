@@ -53,7 +53,9 @@ def batches(n: int, size: int):
 @torch.no_grad()
 def eval_autoencoder(path: str, images: torch.Tensor, bs: int) -> tuple[dict, torch.Tensor]:
     fs = load_first_stage(path)
-    recs = torch.cat([fs.decode_scaled(fs.encode_latent(images[s]) * fs.scale_factor) for s in batches(len(images), bs)])
+    recs = torch.cat(
+        [fs.decode_scaled(fs.encode_latent(images[s]) * fs.scale_factor) for s in batches(len(images), bs)]
+    )
     truth = (images + 1) / 2
     return {"psnr": psnr(recs, truth)}, recs
 
@@ -63,8 +65,9 @@ def eval_txt2img(path: str, captions: list[str], settings, bs: int, size: int) -
     outs = []
     for s in batches(len(captions), bs):
         prompts = captions[s]
-        outs.append(pipelines.txt2img(bundle, prompts, [""] * len(prompts), list(range(s.start, s.stop)), size, size,
-                                      settings))  # fmt: skip
+        outs.append(
+            pipelines.txt2img(bundle, prompts, [""] * len(prompts), list(range(s.start, s.stop)), size, size, settings)
+        )
     images = torch.cat(outs)
     checks = [check_image(img * 2 - 1, cap) for img, cap in zip(images, captions)]
     return {k: sum(c[k] for c in checks) / len(checks) for k in ATTRIBUTES}, images
@@ -74,8 +77,9 @@ def eval_superres(path: str, images: torch.Tensor, settings, bs: int) -> tuple[d
     bundle = load_model(path)
     f = bundle.config.factor
     low = (downsample(images, f) + 1) / 2
-    sr = torch.cat([pipelines.superres(bundle, low[s], list(range(s.start, s.stop)), settings)
-                    for s in batches(len(images), bs)])  # fmt: skip
+    sr = torch.cat(
+        [pipelines.superres(bundle, low[s], list(range(s.start, s.stop)), settings) for s in batches(len(images), bs)]
+    )
     bicubic = F.interpolate(low, scale_factor=f, mode="bicubic", align_corners=False).clamp(0, 1)
     truth = (images + 1) / 2
     return {"psnr": psnr(sr, truth), "psnr_bicubic": psnr(bicubic, truth)}, sr, low
@@ -87,16 +91,29 @@ def markdown(results: dict, args) -> str:
         lines += ["| autoencoder | PSNR (dB) |", "| --- | --- |", f"| {args.ae} | {results['ae']['psnr']:.2f} |", ""]
     if "txt2img" in results:
         r = results["txt2img"]
-        lines += [f"txt2img: {args.steps} steps {args.sampler}, CFG {args.cfg}", "",
-                  "| " + " | ".join(ATTRIBUTES) + " |", "|" + " --- |" * len(ATTRIBUTES),
-                  "| " + " | ".join(f"{r[k]:.1%}" for k in ATTRIBUTES) + " |", ""]  # fmt: skip
+        lines += [
+            f"txt2img: {args.steps} steps {args.sampler}, CFG {args.cfg}",
+            "",
+            "| " + " | ".join(ATTRIBUTES) + " |",
+            "|" + " --- |" * len(ATTRIBUTES),
+            "| " + " | ".join(f"{r[k]:.1%}" for k in ATTRIBUTES) + " |",
+            "",
+        ]
     if "superres" in results:
         r = results["superres"]
-        lines += ["| superres | PSNR (dB) |", "| --- | --- |", f"| LDM-SR | {r['psnr']:.2f} |",
-                  f"| bicubic | {r['psnr_bicubic']:.2f} |", ""]  # fmt: skip
+        lines += [
+            "| superres | PSNR (dB) |",
+            "| --- | --- |",
+            f"| LDM-SR | {r['psnr']:.2f} |",
+            f"| bicubic | {r['psnr_bicubic']:.2f} |",
+            "",
+        ]
     if results.get("prompts"):
-        lines += ["Grid rows: ground truth, autoencoder reconstruction, txt2img of the caption, bicubic, superres.",
-                  "Columns (captions):", ""] + [f"{i + 1}. {p}" for i, p in enumerate(results["prompts"])]  # fmt: skip
+        lines += [
+            "Grid rows: ground truth, autoencoder reconstruction, txt2img of the caption, bicubic, superres.",
+            "Columns (captions):",
+            "",
+        ] + [f"{i + 1}. {p}" for i, p in enumerate(results["prompts"])]
     return "\n".join(lines) + "\n"
 
 

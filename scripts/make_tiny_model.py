@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from tiny_models import KINDS, random_model  # noqa: E402
+from tiny_models import KINDS, random_model
 
 
 def main() -> None:

@@ -44,15 +44,19 @@ def original_state_dict(unet: nn.Module | None = None, first_stage: nn.Module | 
     return sd
 
 
-def save_original_checkpoint(path: Path, unet: nn.Module | None = None, first_stage: nn.Module | None = None,
-                             metadata: dict[str, str] | None = None) -> Path:
+def save_original_checkpoint(
+    path: Path,
+    unet: nn.Module | None = None,
+    first_stage: nn.Module | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Path:
     """Write the modules as an original single-file safetensors checkpoint."""
     save_file(original_state_dict(unet, first_stage), str(path), metadata=metadata)
     return path
 
 
 def strip_prefix(sd: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
 def max_scaled_err(a: torch.Tensor, ref: torch.Tensor) -> float:

@@ -6,9 +6,9 @@ import re
 
 import pytest
 import torch
+from helpers_models import FIRST_STAGE_PREFIX, max_scaled_err, randomize_, save_original_checkpoint, strip_prefix
 from safetensors.torch import load_file
 
-from helpers_models import FIRST_STAGE_PREFIX, max_scaled_err, randomize_, save_original_checkpoint, strip_prefix
 from latentgen.autoencoder import AutoencoderConfig, AutoencoderKL, VQModel, build_autoencoder
 from latentgen.errors import CheckpointError, ConfigError
 
@@ -32,8 +32,13 @@ def test_kl_autoencoder_matches_original_code(fixtures_dir, fixture_config, name
     with torch.no_grad():
         posterior = model.encode(ref["in.vae.image"])
         decoded = model.decode(ref["in.vae.z"])
-    for key, value in [("moments", posterior.moments), ("mean", posterior.mean), ("logvar", posterior.logvar),
-                       ("std", posterior.std), ("decoded", decoded)]:
+    for key, value in [
+        ("moments", posterior.moments),
+        ("mean", posterior.mean),
+        ("logvar", posterior.logvar),
+        ("std", posterior.std),
+        ("decoded", decoded),
+    ]:
         assert max_scaled_err(value, ref[f"out.vae.{key}"]) <= 1e-5, key
 
 
@@ -53,19 +58,42 @@ def make(cfg: AutoencoderConfig, seed: int):
     return randomize_(build_autoencoder(cfg), seed).eval()
 
 
-KL = AutoencoderConfig(kind="kl", embed_dim=4, z_channels=4, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
-                       resolution=32, double_z=True)
-VQ_F2_ATTN = AutoencoderConfig(kind="vq", embed_dim=3, z_channels=3, ch=32, ch_mult=(1, 2), num_res_blocks=1,
-                               attn_resolutions=(16,), resolution=32, double_z=False, n_embed=16)
-VQ_F4 = AutoencoderConfig(kind="vq", embed_dim=3, z_channels=3, ch=32, ch_mult=(1, 2, 2), num_res_blocks=2,
-                          resolution=64, double_z=False, n_embed=32)  # the LDM-SR first stage, tiny
+KL = AutoencoderConfig(
+    kind="kl", embed_dim=4, z_channels=4, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, resolution=32, double_z=True
+)
+VQ_F2_ATTN = AutoencoderConfig(
+    kind="vq",
+    embed_dim=3,
+    z_channels=3,
+    ch=32,
+    ch_mult=(1, 2),
+    num_res_blocks=1,
+    attn_resolutions=(16,),
+    resolution=32,
+    double_z=False,
+    n_embed=16,
+)
+VQ_F4 = AutoencoderConfig(
+    kind="vq",
+    embed_dim=3,
+    z_channels=3,
+    ch=32,
+    ch_mult=(1, 2, 2),
+    num_res_blocks=2,
+    resolution=64,
+    double_z=False,
+    n_embed=32,
+)  # the LDM-SR first stage, tiny
 
 
 def diffusers_config(cfg: AutoencoderConfig) -> dict:
     attn = [cfg.resolution // 2**i in cfg.attn_resolutions for i in range(len(cfg.ch_mult))]
     return dict(
-        in_channels=cfg.in_channels, out_channels=cfg.out_ch, latent_channels=cfg.z_channels,
-        block_out_channels=[cfg.ch * m for m in cfg.ch_mult], layers_per_block=cfg.num_res_blocks,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_ch,
+        latent_channels=cfg.z_channels,
+        block_out_channels=[cfg.ch * m for m in cfg.ch_mult],
+        layers_per_block=cfg.num_res_blocks,
         down_block_types=["AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D" for a in attn],
         up_block_types=["AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D" for a in reversed(attn)],
     )
@@ -82,8 +110,9 @@ def test_kl_matches_diffusers(tmp_path, groups):
 
     model = make(replace(KL, norm_groups=groups), 7)
     ckpt = load_file(save_original_checkpoint(tmp_path / "vae.safetensors", first_stage=model))
-    original_config = {"model": {"params": {"first_stage_config": {"params": KL.to_ldm_params()},
-                                            "scale_factor": 0.18215}}}
+    original_config = {
+        "model": {"params": {"first_stage_config": {"params": KL.to_ldm_params()}, "scale_factor": 0.18215}}
+    }
     config = {**create_vae_diffusers_config_from_ldm(original_config, ckpt, image_size=32), "norm_num_groups": groups}
     ref = DiffusersKL(**config).eval()
     ref.load_state_dict(convert_ldm_vae_checkpoint(ckpt, config), strict=True)
@@ -113,7 +142,8 @@ def vq_to_diffusers(ckpt: dict, cfg: AutoencoderConfig, config: dict) -> dict:
     names = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
     for key, value in level_attn.items():
         part, kind, level, j, name, param = re.fullmatch(
-            r"first_stage_model\.(encoder|decoder)\.(down|up)\.(\d+)\.attn\.(\d+)\.(\w+)\.(weight|bias)", key).groups()
+            r"first_stage_model\.(encoder|decoder)\.(down|up)\.(\d+)\.attn\.(\d+)\.(\w+)\.(weight|bias)", key
+        ).groups()
         block = int(level) if kind == "down" else levels - 1 - int(level)
         value = value[:, :, 0, 0] if value.ndim == 4 else value
         out[f"{part}.{kind}_blocks.{block}.attentions.{j}.{names[name]}.{param}"] = value

@@ -38,7 +38,9 @@ def load_fixture(fixtures_dir, fixture_config, name):
 def test_fixture_modules_match_original_code(fixtures_dir, fixture_config, name):
     bundle, ref, _ = load_fixture(fixtures_dir, fixture_config, name)
     with torch.no_grad():
-        close(bundle.unet(ref["in.unet.x"], ref["in.unet.t"], context=ref["in.unet.context"]), ref["out.unet.out"], 1e-5)
+        close(
+            bundle.unet(ref["in.unet.x"], ref["in.unet.t"], context=ref["in.unet.context"]), ref["out.unet.out"], 1e-5
+        )
         post = bundle.first_stage.encode(ref["in.vae.image"])
         close(post.mean, ref["out.vae.mean"], 1e-5)
         close(post.logvar, ref["out.vae.logvar"], 1e-5)
@@ -48,13 +50,23 @@ def test_fixture_modules_match_original_code(fixtures_dir, fixture_config, name)
         close(bundle.cond(ref["in.text.ids"]), ref["out.text.cond"], 1e-5)
 
 
-@pytest.mark.parametrize("name,sampler,key", [("sd1-tiny", "ddim", "ddim"), ("sd1-tiny", "plms", "pndm"),
-                                              ("sd2-tiny", "ddim", "ddim"), ("ldm-kl-bert-tiny", "ddim", "ddim")])
+@pytest.mark.parametrize(
+    "name,sampler,key",
+    [
+        ("sd1-tiny", "ddim", "ddim"),
+        ("sd1-tiny", "plms", "pndm"),
+        ("sd2-tiny", "ddim", "ddim"),
+        ("ldm-kl-bert-tiny", "ddim", "ddim"),
+    ],
+)
 def test_fixture_sampling_run_matches_original_code(fixtures_dir, fixture_config, name, sampler, key):
     """The original DDIMSampler / PLMSSampler, 10 steps, CFG, from the same x_T."""
     bundle, ref, _ = load_fixture(fixtures_dir, fixture_config, name)
-    meta = json.loads(json.dumps(__import__("safetensors").safe_open(
-        str(fixtures_dir / f"{name}.orig-ref.safetensors"), "pt").metadata()))
+    meta = json.loads(
+        json.dumps(
+            __import__("safetensors").safe_open(str(fixtures_dir / f"{name}.orig-ref.safetensors"), "pt").metadata()
+        )
+    )
     steps, scale = int(meta["steps"]), float(meta["guidance_scale"])
     with torch.no_grad():
         cond = bundle.cond(ref["in.sample.ids"])
@@ -67,8 +79,9 @@ def test_fixture_sampling_run_matches_original_code(fixtures_dir, fixture_config
     x = prepare_noise(ref["in.sample.x_T"], sigmas, sampler, "leading")
     model = CFGDenoiser(Denoiser(bundle.unet, bundle.schedule, bundle.config.prediction))
     with torch.no_grad():
-        x = get_sampler(sampler)(model, x, sigmas, extra_args={"cond": {"context": cond},
-                                 "uncond": {"context": uncond}, "cond_scale": scale})  # fmt: skip
+        x = get_sampler(sampler)(
+            model, x, sigmas, extra_args={"cond": {"context": cond}, "uncond": {"context": uncond}, "cond_scale": scale}
+        )
         z = to_latent(x, sigmas[-1])
         close(z, ref[f"out.sample.{key}.latents"], 1e-4)
         img = bundle.first_stage.decode_latent(z / bundle.config.scale_factor)
@@ -79,7 +92,9 @@ def test_fixture_sampling_run_matches_original_code(fixtures_dir, fixture_config
 
 
 def test_detection_without_config(fixtures_dir):
-    sd1 = describe(load_model(str(fixtures_dir / "sd1-tiny.safetensors"), overrides={"cond": {"num_attention_heads": 4}}))
+    sd1 = describe(
+        load_model(str(fixtures_dir / "sd1-tiny.safetensors"), overrides={"cond": {"num_attention_heads": 4}})
+    )
     assert (sd1["family"], sd1["prediction"], sd1["factor"], sd1["latent_channels"]) == ("sd1", "eps", 2, 4)
     assert sd1["conditioning"] == "clip" and sd1["context_dim"] == 48 and sd1["concat"] is None
     ov2 = {"cond": {"num_attention_heads": 4}, "unet": {"num_head_channels": 8}}
@@ -94,13 +109,17 @@ def test_detection_without_config(fixtures_dir):
 
 def _meta_raw(keys_json):
     shapes = json.loads(keys_json.read_text())
-    tensors = {k: torch.empty(s, device="meta", dtype=torch.int64 if k.endswith("position_ids") else torch.float32)
-               for k, s in shapes.items()}  # fmt: skip
+    tensors = {
+        k: torch.empty(s, device="meta", dtype=torch.int64 if k.endswith("position_ids") else torch.float32)
+        for k, s in shapes.items()
+    }
     return RawCheckpoint(str(keys_json), "original", tensors), shapes
 
 
-@pytest.mark.parametrize("keys,family,context,unet_m,prediction", [
-    ("sd15-keys.json", "sd1", 768, 859.52, "eps"), ("sd21-v-keys.json", "sd2", 1024, 865.91, "v")])
+@pytest.mark.parametrize(
+    "keys,family,context,unet_m,prediction",
+    [("sd15-keys.json", "sd1", 768, 859.52, "eps"), ("sd21-v-keys.json", "sd2", 1024, 865.91, "v")],
+)
 def test_full_size_key_sets_load_strictly(fixtures_dir, keys, family, context, unet_m, prediction):
     """The complete SD 1.5 / 2.1 key lists (from the original code on the meta device) are detected and
     load into our modules with strict key and shape checks, and our modules save exactly those names."""
@@ -190,7 +209,7 @@ def test_ema_weights(fixtures_dir, tmp_path):
 
     def add_ema(sd):
         for k in [k for k in sd if k.startswith("model.diffusion_model.")]:
-            sd["model_ema." + k[len("model."):].replace(".", "")] = sd[k] + 1.0
+            sd["model_ema." + k[len("model.") :].replace(".", "")] = sd[k] + 1.0
         sd["model_ema.decay"] = torch.tensor(0.9999)
         sd["model_ema.num_updates"] = torch.tensor(10, dtype=torch.int32)
 
@@ -233,9 +252,13 @@ def test_read_converted_equals_converting_the_mapped_tensors(tmp_path):
     from latentgen.checkpoint import read_converted, read_safetensors
 
     g = torch.Generator().manual_seed(0)
-    tensors = {"h": torch.randn(3, 5, generator=g).half(), "b": torch.randn(7, generator=g).bfloat16(),
-               "f": torch.randn(2, 2, 2, generator=g), "s": torch.tensor(2.5, dtype=torch.float16),
-               "e": torch.empty(0, 4, dtype=torch.float16)}  # fmt: skip
+    tensors = {
+        "h": torch.randn(3, 5, generator=g).half(),
+        "b": torch.randn(7, generator=g).bfloat16(),
+        "f": torch.randn(2, 2, 2, generator=g),
+        "s": torch.tensor(2.5, dtype=torch.float16),
+        "e": torch.empty(0, 4, dtype=torch.float16),
+    }
     path = tmp_path / "m.safetensors"
     save_file(tensors, str(path))
     mapped, _ = read_safetensors(path)
@@ -264,8 +287,10 @@ def test_fp16_file_loads_in_fp32_exactly(fixtures_dir, fixture_config, tmp_path)
     half = _half_file(fixtures_dir, fixture_config, tmp_path)
     loaded = load_model(str(half), dtype=torch.float32)
     want = load_file(str(half))
-    for name, module in (("model.diffusion_model.", loaded.unet),
-                         ("first_stage_model.decoder.", loaded.first_stage.decoder)):
+    for name, module in (
+        ("model.diffusion_model.", loaded.unet),
+        ("first_stage_model.decoder.", loaded.first_stage.decoder),
+    ):
         for k, v in module.state_dict().items():
             assert v.dtype == torch.float32 and torch.equal(v, want[name + k].float()), k
 
@@ -279,10 +304,15 @@ def test_low_memory_keeps_fp16_weights_and_gives_the_same_images(fixtures_dir, f
 
     half = _half_file(fixtures_dir, fixture_config, tmp_path)
     full, lean = load_model(str(half)), load_model(str(half), low_memory=True)
-    weight_bytes = {name: sum(p.numel() * p.element_size() for m in (b.unet, b.first_stage, b.cond)
-                              for p in m.parameters()) for name, b in (("full", full), ("lean", lean))}  # fmt: skip
-    hot = sum(p.numel() for m in (full.unet, full.first_stage.decoder, full.first_stage.post_quant_conv)
-              for p in m.parameters())  # fmt: skip
+    weight_bytes = {
+        name: sum(p.numel() * p.element_size() for m in (b.unet, b.first_stage, b.cond) for p in m.parameters())
+        for name, b in (("full", full), ("lean", lean))
+    }
+    hot = sum(
+        p.numel()
+        for m in (full.unet, full.first_stage.decoder, full.first_stage.post_quant_conv)
+        for p in m.parameters()
+    )
     assert weight_bytes["lean"] + 2 * hot == weight_bytes["full"]  # full: only the UNet and the decoder in fp32
     assert {p.dtype for m in (full.cond, full.first_stage.encoder) for p in m.parameters()} == {torch.float16}
     assert network_dtype(lean.unet) == torch.float32 and lean.unet.input_blocks[0][0].weight.dtype == torch.float32
@@ -295,8 +325,9 @@ def test_low_memory_keeps_fp16_weights_and_gives_the_same_images(fixtures_dir, f
     assert torch.equal(a2, b2)
 
 
-def test_low_memory_auto_upcasts_at_load_only_when_that_fits_easily(fixtures_dir, fixture_config, tmp_path,
-                                                                     monkeypatch):  # fmt: skip
+def test_low_memory_auto_upcasts_at_load_only_when_that_fits_easily(
+    fixtures_dir, fixture_config, tmp_path, monkeypatch
+):
     """low_memory=None (the CLI default): full fp32 weights when they take under a third of the available memory,
     else weights kept as stored; low memory where the available memory is unknown."""
     import latentgen.checkpoint as ck
@@ -318,9 +349,10 @@ def test_prepacked_convs_compute_what_plain_convs_do():
     match nn.Conv2d at float32 precision, also for an input size other than the one packed for; `.weight`,
     state_dict() and grad mode still see the dense weight; upcast-on-use and bf16 layers are left alone."""
     from helpers_models import randomize_
+    from tiny_models import tiny_unet
+
     from latentgen.checkpoint import PackedConv2d, prepack_convs, upcast_on_use
     from latentgen.unet import UNetModel
-    from tiny_models import tiny_unet
 
     torch.manual_seed(0)
     plain = randomize_(UNetModel(tiny_unet(context_dim=16)), 1).eval().requires_grad_(False)
@@ -333,8 +365,12 @@ def test_prepacked_convs_compute_what_plain_convs_do():
     with torch.no_grad():
         for hw in ((16, 16), (24, 8), (16, 16)):  # packed at the first size; other sizes still right
             x = torch.randn(2, 4, *hw, generator=g)
-            torch.testing.assert_close(packed(x, torch.tensor([10.0, 500.0]), ctx),
-                                       plain(x, torch.tensor([10.0, 500.0]), ctx), rtol=1e-5, atol=1e-5)  # fmt: skip
+            torch.testing.assert_close(
+                packed(x, torch.tensor([10.0, 500.0]), ctx),
+                plain(x, torch.tensor([10.0, 500.0]), ctx),
+                rtol=1e-5,
+                atol=1e-5,
+            )
     assert all("weight" not in m._parameters for m in convs)  # the dense copy is gone
     sd, ref = packed.state_dict(), plain.state_dict()
     assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from tiny_models import bert_from_fixture, random_model, sd1_from_fixture
 from typer.testing import CliRunner
 
 from latentgen import pipelines
@@ -22,7 +23,6 @@ from latentgen.checkpoint import load_model
 from latentgen.cli import app
 from latentgen.images import read_png_text, to_pil
 from latentgen.pipelines import Settings
-from tiny_models import bert_from_fixture, random_model, sd1_from_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, fixtures_dir, fixture_config):
     d = tmp_path_factory.mktemp("models")
-    out = {k: str(random_model(k, d / f"{k}.safetensors", seed=i)) for i, k in enumerate(("class", "uncond", "sr", "inpaint"))}
+    out = {
+        k: str(random_model(k, d / f"{k}.safetensors", seed=i))
+        for i, k in enumerate(("class", "uncond", "sr", "inpaint"))
+    }
     out["other"] = str(random_model("uncond", d / "other.safetensors", seed=9))  # another first stage
     out["sd1"] = str(sd1_from_fixture(fixtures_dir, fixture_config, d / "sd1.safetensors"))
     out["bert"] = str(bert_from_fixture(fixtures_dir, fixture_config, d / "bert.safetensors"))
@@ -78,8 +81,21 @@ def json_lines(out: str) -> list[dict]:
 
 
 def test_txt2img_images_records_and_metadata_match_pipeline(models):
-    r = cli("txt2img", "a red circle", "--model", models["sd1"], "--seed", 7, "--num", 2, "--json",
-            "--out", "o/{index:03d}-{seed}-{prompt}.png", "--negative", "blurry")  # fmt: skip
+    r = cli(
+        "txt2img",
+        "a red circle",
+        "--model",
+        models["sd1"],
+        "--seed",
+        7,
+        "--num",
+        2,
+        "--json",
+        "--out",
+        "o/{index:03d}-{seed}-{prompt}.png",
+        "--negative",
+        "blurry",
+    )
     assert r.exit_code == 0, r.stderr
     recs = json_lines(r.stdout)  # stdout: only the results
     assert [x["seed"] for x in recs] == [7, 8] and [x["index"] for x in recs] == [0, 1]
@@ -92,16 +108,40 @@ def test_txt2img_images_records_and_metadata_match_pipeline(models):
     text = read_png_text(recs[1]["path"])
     params = text["parameters"].splitlines()
     assert params[0] == "a red circle" and params[1] == "Negative prompt: blurry"
-    for field in ("Steps: 2", "Sampler: DPM++ 2M Karras", "CFG scale: 7.5", "Seed: 8", "Size: 16x16",
-                  f"Model hash: {recs[1]['model_hash']}", "Model: sd1-tiny"):  # fmt: skip
+    for field in (
+        "Steps: 2",
+        "Sampler: DPM++ 2M Karras",
+        "CFG scale: 7.5",
+        "Seed: 8",
+        "Size: 16x16",
+        f"Model hash: {recs[1]['model_hash']}",
+        "Model: sd1-tiny",
+    ):
         assert field in params[2]
     recipe = json.loads(text["latentgen"])
     assert {k: v for k, v in recs[1].items() if k not in ("path", "seconds")} == recipe
 
 
 def test_recipe_regenerates_bit_exactly(models):
-    r = cli("txt2img", "a lighthouse", "--model", models["sd1"], "--seed", 3, "--num", 2, "--sampler", "euler_a",
-            "--cfg", 4, "--no-karras", "--width", 24, "--out", "a{i}.png")  # fmt: skip
+    r = cli(
+        "txt2img",
+        "a lighthouse",
+        "--model",
+        models["sd1"],
+        "--seed",
+        3,
+        "--num",
+        2,
+        "--sampler",
+        "euler_a",
+        "--cfg",
+        4,
+        "--no-karras",
+        "--width",
+        24,
+        "--out",
+        "a{i}.png",
+    )
     assert r.exit_code == 0, r.stderr
     r2 = cli("txt2img", "--recipe", "a1.png", "--out", "b.png")
     assert r2.exit_code == 0, r2.stderr
@@ -111,15 +151,35 @@ def test_recipe_regenerates_bit_exactly(models):
 
 
 def test_stdin_batch_streams_results_and_reports_bad_lines(models):
-    lines = ['a cat', '{"prompt": "a dog", "seed": 100, "out": "dog.png"}', '{bad json', '{"prompt": "x", "what": 1}',
-             '', '{"prompt": "a fox", "num": 2, "cfg": 1}']  # fmt: skip
-    r = cli("txt2img", "-", "--model", models["sd1"], "--seed", 10, "--json", "--out", "o/{index}-{seed}.png",
-            input="\n".join(lines) + "\n")  # fmt: skip
+    lines = [
+        "a cat",
+        '{"prompt": "a dog", "seed": 100, "out": "dog.png"}',
+        "{bad json",
+        '{"prompt": "x", "what": 1}',
+        "",
+        '{"prompt": "a fox", "num": 2, "cfg": 1}',
+    ]
+    r = cli(
+        "txt2img",
+        "-",
+        "--model",
+        models["sd1"],
+        "--seed",
+        10,
+        "--json",
+        "--out",
+        "o/{index}-{seed}.png",
+        input="\n".join(lines) + "\n",
+    )
     assert r.exit_code == 1  # some items failed, the batch went on
     recs = json_lines(r.stdout)
     ok = [x for x in recs if "error" not in x]
     assert [(x["prompt"], x["seed"], x["path"]) for x in ok] == [
-        ("a cat", 10, "o/0-10.png"), ("a dog", 100, "dog.png"), ("a fox", 14, "o/4-14.png"), ("a fox", 15, "o/5-15.png")]
+        ("a cat", 10, "o/0-10.png"),
+        ("a dog", 100, "dog.png"),
+        ("a fox", 14, "o/4-14.png"),
+        ("a fox", 15, "o/5-15.png"),
+    ]
     assert ok[2]["cfg"] == 1.0
     errors = [x for x in recs if "error" in x]
     assert len(errors) == 2 and "stdin line 3" in errors[0]["error"] and "unknown keys" in errors[1]["error"]
@@ -183,15 +243,32 @@ def test_img2img_inpaint_outpaint_superres(models):
     x = torch.from_numpy(pixels(img) / 255.0).float().permute(2, 0, 1)[None]
     ref = pipelines.img2img(b, x, ["a boat"], [""], [4], Settings(steps=2, strength=0.5))
     assert np.array_equal(pixels("i2i.png"), np.asarray(to_pil(ref[0])))
-    r = cli("inpaint", img, "--mask", mask, "a hat", "--model", models["inpaint"], "--seed", 1, "--out", "ip.png",
-            "--mask-blur", 1)  # fmt: skip
+    r = cli(
+        "inpaint",
+        img,
+        "--mask",
+        mask,
+        "a hat",
+        "--model",
+        models["inpaint"],
+        "--seed",
+        1,
+        "--out",
+        "ip.png",
+        "--mask-blur",
+        1,
+    )
     assert r.exit_code == 0, r.stderr
     rec = json.loads(read_png_text("ip.png")["latentgen"])
     assert rec["task"] == "inpaint" and rec["mask_blur"] == 1
-    r = cli("inpaint", img, "wider", "--extend", "4,0,4,4", "--model", models["inpaint"], "--seed", 1, "--out", "op.png")
+    r = cli(
+        "inpaint", img, "wider", "--extend", "4,0,4,4", "--model", models["inpaint"], "--seed", 1, "--out", "op.png"
+    )
     assert r.exit_code == 0, r.stderr
     assert pixels("op.png").shape == (20, 24, 3)
-    r = cli("superres", save_image("low.png", (8, 8)), "--model", models["sr"], "--scale", 2, "--seed", 0, "--out", "sr.png")
+    r = cli(
+        "superres", save_image("low.png", (8, 8)), "--model", models["sr"], "--scale", 2, "--seed", 0, "--out", "sr.png"
+    )
     assert r.exit_code == 0, r.stderr
     assert pixels("sr.png").shape == (16, 16, 3)
 
@@ -236,12 +313,19 @@ def test_bad_input_is_one_line_and_exit_2(models, case):
 
 def test_console_script_exit_codes_and_stderr(models, workdir):
     env = {**os.environ, "XDG_CACHE_HOME": str(workdir / "cache")}
-    p = subprocess.run([sys.executable, "-m", "latentgen.cli", "txt2img", "x", "--model", "no-such-model"],
-                       capture_output=True, text=True, env=env)  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, "-m", "latentgen.cli", "txt2img", "x", "--model", "no-such-model"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr and "no-such-model" in p.stderr
-    p = subprocess.run([sys.executable, "-c", "import sys, latentgen.cli; print('torch' in sys.modules)"],
-                       capture_output=True, text=True)  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, "-c", "import sys, latentgen.cli; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+    )
     assert p.stdout.strip() == "False"  # --help stays fast: no torch import
 
 
@@ -271,8 +355,10 @@ def test_info_and_models(models, workdir):
     assert r.exit_code == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["conditioning"] == "class" and d["factor"] == 2 and d["latent_channels"] == 4
-    (workdir / "models.toml").write_text(f'default = "mine"\n[models.mine]\npath = "{models["uncond"]}"\n'
-                                         '[models.gone]\npath = "/nowhere/x.safetensors"\n')  # fmt: skip
+    (workdir / "models.toml").write_text(
+        f'default = "mine"\n[models.mine]\npath = "{models["uncond"]}"\n'
+        '[models.gone]\npath = "/nowhere/x.safetensors"\n'
+    )
     r = cli("models", "--json")
     recs = {x["name"]: x for x in json_lines(r.stdout)}
     assert recs["mine"]["present"] and recs["mine"]["default"] and not recs["gone"]["present"]
@@ -326,13 +412,31 @@ def test_shipped_default_models_work_with_no_options(workdir):
 
 def test_torchrun_two_cpu_ranks_split_items_and_records_are_complete(models, workdir):
     env = {**os.environ, "XDG_CACHE_HOME": str(workdir / "cache"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           "-m", "latentgen.cli", "txt2img", "-", "--model", models["sd1"], "--seed", "20", "--json", "--quiet",
-           "--out", "t/{index}.png"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "latentgen.cli",
+        "txt2img",
+        "-",
+        "--model",
+        models["sd1"],
+        "--seed",
+        "20",
+        "--json",
+        "--quiet",
+        "--out",
+        "t/{index}.png",
+    ]
     p = subprocess.run(cmd, input="a\nb\n{bad\nd\n", capture_output=True, text=True, env=env, timeout=120)
     recs = json_lines("\n".join(line for line in p.stdout.splitlines() if line.startswith("{")))
     assert p.returncode != 0  # one item failed (torchrun reports the worker's exit 1)
     assert [x["index"] for x in recs] == [0, 1, 2, 3] and "error" in recs[2]
     assert {x["device"] for x in recs if "error" not in x} == {"cpu"}
-    r = cli("txt2img", "d", "--model", models["sd1"], "--seed", 23, "--out", "single.png")
+    cli("txt2img", "d", "--model", models["sd1"], "--seed", 23, "--out", "single.png")
     assert np.array_equal(pixels("single.png"), pixels("t/3.png"))  # rank 1 made it, identically

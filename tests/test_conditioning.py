@@ -32,7 +32,7 @@ def scaled_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def cond_stage(sd: dict) -> dict:
-    return {k[len("cond_stage_model."):]: v for k, v in sd.items() if k.startswith("cond_stage_model.")}
+    return {k[len("cond_stage_model.") :]: v for k, v in sd.items() if k.startswith("cond_stage_model.")}
 
 
 @pytest.fixture(scope="module")
@@ -97,17 +97,24 @@ def test_from_state_dict_infers_fixture_config(fixture_data, name):
     got = C.CondConfig.from_state_dict(cond_sd)
     if te["kind"] == "ldm_bert":
         assert (got.kind, got.n_embed, got.n_layer, got.vocab_size, got.max_seq_len) == (
-            "bert", te["n_embed"], te["n_layer"], te["vocab_size"], te["max_seq_len"])
+            "bert",
+            te["n_embed"],
+            te["n_layer"],
+            te["vocab_size"],
+            te["max_seq_len"],
+        )
         assert (got.heads, got.dim_head, got.n_embed * got.ff_mult) == (te["heads"], te["dim_head"], te["ff_inner_dim"])
     else:
         open_clip = te["kind"] == "open_clip"
         want = dict(
-            kind="open_clip" if open_clip else "clip", vocab_size=te["vocab_size"],
+            kind="open_clip" if open_clip else "clip",
+            vocab_size=te["vocab_size"],
             hidden_size=te["width"] if open_clip else te["hidden_size"],
             intermediate_size=int(te["width"] * te["mlp_ratio"]) if open_clip else te["intermediate_size"],
             num_hidden_layers=te["layers"] if open_clip else te["num_hidden_layers"],
             max_position_embeddings=te["context_length"] if open_clip else te["max_position_embeddings"],
-            hidden_act="gelu" if open_clip else te["hidden_act"], layer=te["cond_stage_output"],
+            hidden_act="gelu" if open_clip else te["hidden_act"],
+            layer=te["cond_stage_output"],
             pad_token_id=0 if open_clip else te["pad_token_id"],
         )
         assert {k: getattr(got, k) for k in want} == want
@@ -116,12 +123,37 @@ def test_from_state_dict_infers_fixture_config(fixture_data, name):
     assert C.CondConfig.from_ldm(ldm_cond, cond_sd) == got
 
 
-@pytest.mark.parametrize("keys_file, want", [
-    ("sd15-keys.json", dict(kind="clip", hidden_size=768, num_attention_heads=12, num_hidden_layers=12,
-                            intermediate_size=3072, hidden_act="quick_gelu", layer="last", pad_token_id=49407)),
-    ("sd21-v-keys.json", dict(kind="open_clip", hidden_size=1024, num_attention_heads=16, num_hidden_layers=24,
-                              intermediate_size=4096, hidden_act="gelu", layer="penultimate", pad_token_id=0)),
-])
+@pytest.mark.parametrize(
+    "keys_file, want",
+    [
+        (
+            "sd15-keys.json",
+            dict(
+                kind="clip",
+                hidden_size=768,
+                num_attention_heads=12,
+                num_hidden_layers=12,
+                intermediate_size=3072,
+                hidden_act="quick_gelu",
+                layer="last",
+                pad_token_id=49407,
+            ),
+        ),
+        (
+            "sd21-v-keys.json",
+            dict(
+                kind="open_clip",
+                hidden_size=1024,
+                num_attention_heads=16,
+                num_hidden_layers=24,
+                intermediate_size=4096,
+                hidden_act="gelu",
+                layer="penultimate",
+                pad_token_id=0,
+            ),
+        ),
+    ],
+)
 def test_from_state_dict_full_size_conventions(fixtures_dir, keys_file, want):
     shapes = json.loads((fixtures_dir / keys_file).read_text())
     sd = cond_stage({k: torch.empty(s, device="meta") for k, s in shapes.items()})
@@ -146,7 +178,7 @@ def test_layouts_convert_both_ways(fixture_data):
     # diffusers folder text_encoder (transformers <5 and >=5 layouts) loads to the same model
     for prefix in ("text_model.", ""):
         other = C.build_conditioner(model.cfg)
-        other.load_original_state_dict({prefix + k[len("transformer.text_model."):]: v for k, v in ours.items()})
+        other.load_original_state_dict({prefix + k[len("transformer.text_model.") :]: v for k, v in ours.items()})
         assert all(torch.equal(v, other.original_state_dict()[k]) for k, v in ours.items())
     # OpenCLIP: our SD1-style layout maps back to the original file's tensors exactly
     sd2, _, cfg2 = fixture_data("sd2-tiny")
@@ -168,26 +200,48 @@ def test_openclip_conversion_matches_diffusers():
     def rnd(*shape, scale=None):
         return torch.randn(shape, generator=g) * (scale if scale is not None else shape[-1] ** -0.5)
 
-    sd = {"model.token_embedding.weight": rnd(vocab, width, scale=0.5),
-          "model.positional_embedding": rnd(ctx, width, scale=0.5),
-          "model.ln_final.weight": 1 + rnd(width, scale=0.2), "model.ln_final.bias": rnd(width, scale=0.2),
-          "model.text_projection": rnd(width, 16), "model.logit_scale": rnd(scale=0.1)}
+    sd = {
+        "model.token_embedding.weight": rnd(vocab, width, scale=0.5),
+        "model.positional_embedding": rnd(ctx, width, scale=0.5),
+        "model.ln_final.weight": 1 + rnd(width, scale=0.2),
+        "model.ln_final.bias": rnd(width, scale=0.2),
+        "model.text_projection": rnd(width, 16),
+        "model.logit_scale": rnd(scale=0.1),
+    }
     for i in range(layers):
         p = f"model.transformer.resblocks.{i}."
-        sd.update({p + "ln_1.weight": 1 + rnd(width, scale=0.2), p + "ln_1.bias": rnd(width, scale=0.2),
-                   p + "attn.in_proj_weight": rnd(3 * width, width), p + "attn.in_proj_bias": rnd(3 * width, scale=0.1),
-                   p + "attn.out_proj.weight": rnd(width, width), p + "attn.out_proj.bias": rnd(width, scale=0.1),
-                   p + "ln_2.weight": 1 + rnd(width, scale=0.2), p + "ln_2.bias": rnd(width, scale=0.2),
-                   p + "mlp.c_fc.weight": rnd(4 * width, width), p + "mlp.c_fc.bias": rnd(4 * width, scale=0.1),
-                   p + "mlp.c_proj.weight": rnd(width, 4 * width), p + "mlp.c_proj.bias": rnd(width, scale=0.1)})
+        sd.update(
+            {
+                p + "ln_1.weight": 1 + rnd(width, scale=0.2),
+                p + "ln_1.bias": rnd(width, scale=0.2),
+                p + "attn.in_proj_weight": rnd(3 * width, width),
+                p + "attn.in_proj_bias": rnd(3 * width, scale=0.1),
+                p + "attn.out_proj.weight": rnd(width, width),
+                p + "attn.out_proj.bias": rnd(width, scale=0.1),
+                p + "ln_2.weight": 1 + rnd(width, scale=0.2),
+                p + "ln_2.bias": rnd(width, scale=0.2),
+                p + "mlp.c_fc.weight": rnd(4 * width, width),
+                p + "mlp.c_fc.bias": rnd(4 * width, scale=0.1),
+                p + "mlp.c_proj.weight": rnd(width, 4 * width),
+                p + "mlp.c_proj.bias": rnd(width, scale=0.1),
+            }
+        )
     ids = torch.randint(0, vocab, (2, ctx), generator=g)
 
     ours = C.build_conditioner(C.CondConfig.from_state_dict(sd, num_attention_heads=2)).eval()
     ours.load_original_state_dict(sd)
 
-    ref = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=4 * width,
-                                       num_hidden_layers=layers, num_attention_heads=2, hidden_act="gelu",
-                                       max_position_embeddings=ctx)).eval()
+    ref = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab,
+            hidden_size=width,
+            intermediate_size=4 * width,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            hidden_act="gelu",
+            max_position_embeddings=ctx,
+        )
+    ).eval()
     converted = convert_open_clip_checkpoint(ref, {"cond_stage_model." + k: v for k, v in sd.items()})
     converted.pop("text_projection.weight", None)  # in its ignore list; CLIPTextModel has none
     ref.load_state_dict({k.removeprefix("text_model."): v for k, v in converted.items()}, strict=True)
@@ -206,8 +260,11 @@ def hf_clip_tokenizer(tmp_path_factory):
     from transformers import CLIPTokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    lines = gzip.decompress(resources.files("latentgen").joinpath("assets", "bpe_simple_vocab_16e6.txt.gz")
-                            .read_bytes()).decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    lines = (
+        gzip.decompress(resources.files("latentgen").joinpath("assets", "bpe_simple_vocab_16e6.txt.gz").read_bytes())
+        .decode("utf-8")
+        .split("\n")[1 : 49152 - 256 - 2 + 1]
+    )
     chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + [line.replace(" ", "") for line in lines]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
@@ -237,6 +294,7 @@ def test_clip_tokenizer_sd2_pads_with_zero(hf_clip_tokenizer):
     assert got[1, :3].tolist() == [49406, 49407, 0]
     # diffusers' SD 2 tokenizer (pad '!') agrees where the prompt has no '!'
     from transformers import CLIPTokenizer
+
     sd2 = CLIPTokenizer(vocab=dict(hf_clip_tokenizer.get_vocab()), merges=C.clip_bpe_vocab()[1], pad_token="!")
     plain = [p for p in PROMPTS if "!" not in p]
     ref = sd2(plain, padding="max_length", max_length=77, truncation=True, return_tensors="pt")["input_ids"]
@@ -250,8 +308,9 @@ def test_clip_tokenizer_matches_original_tokenizers(fixtures_dir, name, pad):
 
     with safe_open(fixtures_dir / f"{name}.orig-ref.safetensors", "pt") as f:
         meta = f.metadata()
-        text_ids, sample_ids, uncond = (f.get_tensor(k)
-                                        for k in ("in.text.ids", "in.sample.ids", "in.sample.ids_uncond"))
+        text_ids, sample_ids, uncond = (
+            f.get_tensor(k) for k in ("in.text.ids", "in.sample.ids", "in.sample.ids_uncond")
+        )
     with pytest.warns(C.TruncationWarning):
         assert torch.equal(C.tokenize_clip(json.loads(meta["text_prompts"]), pad), text_ids[:2])
     assert torch.equal(C.tokenize_clip(json.loads(meta["sample_prompts"]), pad), sample_ids)
@@ -271,8 +330,11 @@ def test_bert_tokenizer_matches_python_bert(tmp_path):
             got = C.tokenize_bert(PROMPTS, max_length=n)
         assert torch.equal(got, want), n
     lines = vocab_file.read_text().split("\n")
-    assert C.tokenize_bert(["a red circle"])[0, :6].tolist() == [
-        101, lines.index("a"), lines.index("red"), lines.index("circle"), 102, 0] == [101, 1037, 2417, 4418, 102, 0]
+    assert (
+        C.tokenize_bert(["a red circle"])[0, :6].tolist()
+        == [101, lines.index("a"), lines.index("red"), lines.index("circle"), 102, 0]
+        == [101, 1037, 2417, 4418, 102, 0]
+    )
     assert C.tokenize_bert([""])[0, :3].tolist() == [101, 102, 0]
 
 
@@ -312,8 +374,12 @@ def test_config_dict_roundtrip_and_errors(fixture_data):
         C.CondConfig(hidden_size=48, num_attention_heads=5)
     with pytest.raises(ConfigError, match="Frozen"):
         C.CondConfig.from_ldm({"target": "ldm.modules.encoders.modules.FrozenT5Embedder"})
-    assert C.CondConfig.from_ldm({"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
-                                  "params": {"layer": "penultimate"}}).context_dim == 1024
+    assert (
+        C.CondConfig.from_ldm(
+            {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder", "params": {"layer": "penultimate"}}
+        ).context_dim
+        == 1024
+    )
 
 
 @pytest.mark.parametrize("name", FIXTURES)
@@ -329,8 +395,11 @@ def test_bad_weights_name_the_keys(fixture_data, name):
         model.load_original_state_dict({**cond_sd, "extra.weight": torch.zeros(1)})
     with pytest.raises(CheckpointError, match=rf"mis-shaped cond_stage_model.{victim} \[3\]"):
         model.load_original_state_dict({**cond_sd, victim: torch.zeros(3)})
-    wrong = C.build_conditioner(dataclasses.replace(model.cfg, **(
-        {"n_layer": 1} if model.kind == "bert" else {"num_hidden_layers": 2, "layer": "last"})))
+    wrong = C.build_conditioner(
+        dataclasses.replace(
+            model.cfg, **({"n_layer": 1} if model.kind == "bert" else {"num_hidden_layers": 2, "layer": "last"})
+        )
+    )
     with pytest.raises(CheckpointError, match="unexpected"):
         wrong.load_original_state_dict(cond_sd)
 

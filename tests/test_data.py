@@ -28,8 +28,12 @@ from latentgen.errors import InputError
 
 BG = {"white": (245, 245, 245), "black": (20, 20, 20), "gray": (128, 128, 128)}
 PALETTE = {
-    "red": (220, 40, 40), "orange": (240, 140, 30), "yellow": (240, 210, 40),
-    "green": (40, 180, 70), "blue": (40, 80, 220), "purple": (150, 50, 200),
+    "red": (220, 40, 40),
+    "orange": (240, 140, 30),
+    "yellow": (240, 210, 40),
+    "green": (40, 180, 70),
+    "blue": (40, 80, 220),
+    "purple": (150, 50, 200),
 }
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 _OBJ = r"a (small |large )?(red|orange|yellow|green|blue|purple) (circle|square|triangle|ring)"
@@ -74,8 +78,9 @@ def pixel_fully_inside(shape, d, cx, cy, px, py) -> np.ndarray:
 
 
 def area(shape, d) -> float:
-    return {"square": d * d, "circle": math.pi * d * d / 4, "triangle": d * d / 2,
-            "ring": math.pi * d * d / 4 * 0.75}[shape]
+    return {"square": d * d, "circle": math.pi * d * d / 4, "triangle": d * d / 2, "ring": math.pi * d * d / 4 * 0.75}[
+        shape
+    ]
 
 
 def test_deterministic_by_seed_and_dataset_items():
@@ -229,6 +234,7 @@ def test_image_folder_captions_crop_and_random_crop(tmp_path):
     assert torch.allclose(interior, torch.tensor([0.0, 255, 0])[:, None, None].expand_as(interior), atol=3)
     with pytest.raises(InputError, match="c.webp"):
         ImageFolderDataset(tmp_path, 32, require_captions=True)
+
     # random crops: reproducible from the generator seed, and they do move
     def crops(seed):
         ds = ImageFolderDataset(tmp_path, 32, generator=torch.Generator().manual_seed(seed))

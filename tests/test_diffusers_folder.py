@@ -32,22 +32,43 @@ def make_diffusers_folder(src, ldm_config, folder, *, text_heads, pad_token, sch
     vae.load_state_dict(convert_ldm_vae_checkpoint(ckpt, vae_cfg))
     text_sd = convert_ldm_clip_checkpoint(ckpt)
     text_sd.pop("text_model.embeddings.position_ids", None)
-    if not any(k.startswith("text_model.") for k in CLIPTextModel(CLIPTextConfig(num_hidden_layers=1, hidden_size=8,
-               intermediate_size=8, num_attention_heads=1)).state_dict()):  # transformers 5 dropped the nesting
+    if not any(
+        k.startswith("text_model.")
+        for k in CLIPTextModel(
+            CLIPTextConfig(num_hidden_layers=1, hidden_size=8, intermediate_size=8, num_attention_heads=1)
+        ).state_dict()
+    ):  # transformers 5 dropped the nesting
         text_sd = {k.removeprefix("text_model."): v for k, v in text_sd.items()}
     hidden = ckpt["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"].shape[1]
-    layers = 1 + max(int(k.split(".")[5]) for k in ckpt if k.startswith("cond_stage_model.transformer.text_model.encoder.layers."))
-    text = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-        num_attention_heads=text_heads, max_position_embeddings=77, hidden_act="quick_gelu"))  # fmt: skip
+    layers = 1 + max(
+        int(k.split(".")[5]) for k in ckpt if k.startswith("cond_stage_model.transformer.text_model.encoder.layers.")
+    )
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=hidden,
+            intermediate_size=4 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=text_heads,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+        )
+    )
     text.load_state_dict(text_sd, strict=True)
     unet.save_pretrained(folder / "unet", safe_serialization=True)
     vae.save_pretrained(folder / "vae", safe_serialization=True)
     text.save_pretrained(folder / "text_encoder", safe_serialization=True)
     (folder / "tokenizer").mkdir()
     (folder / "tokenizer" / "special_tokens_map.json").write_text(json.dumps({"pad_token": pad_token}))
-    DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
-                  clip_sample=False, set_alpha_to_one=False, **(scheduler_extra or {})).save_pretrained(folder / "scheduler")  # fmt: skip
+    DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        steps_offset=1,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        **(scheduler_extra or {}),
+    ).save_pretrained(folder / "scheduler")
     return unet, vae, text
 
 
@@ -80,8 +101,14 @@ def test_diffusers_folder_equals_original_file(fixtures_dir, fixture_config, tmp
 def test_v_prediction_folder(fixtures_dir, fixture_config, tmp_path):
     cfg = fixture_config("sd1-tiny")
     folder = tmp_path / "v"
-    make_diffusers_folder(fixtures_dir / "sd1-tiny.safetensors", cfg["ldm_config"], folder, text_heads=4,
-                          pad_token="!", scheduler_extra={"prediction_type": "v_prediction"})  # fmt: skip
+    make_diffusers_folder(
+        fixtures_dir / "sd1-tiny.safetensors",
+        cfg["ldm_config"],
+        folder,
+        text_heads=4,
+        pad_token="!",
+        scheduler_extra={"prediction_type": "v_prediction"},
+    )
     b = load_model(str(folder))
     assert b.config.prediction == "v" and b.config.cond.pad_token_id == 0
 

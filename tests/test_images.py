@@ -7,14 +7,14 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from helpers_models import randomize_
+from PIL import Image
+from tiny_models import tiny_first_stage
+
 from latentgen import pipelines
 from latentgen.autoencoder import build_autoencoder
 from latentgen.errors import InputError
 from latentgen.images import atomic_path, load_image, read_png_text, save_png, slugify, to_pil, to_tensor
-from tiny_models import tiny_first_stage
 
 
 def test_atomic_write_leaves_no_partial_file(tmp_path):
@@ -118,8 +118,10 @@ def test_tiles_share_group_norm_statistics_of_the_whole_image(default_ae):
         z_own = DiagonalGaussian(pipelines.blend_tiles(lambda p: fs.encode(p).moments, img, 16, 4, f, 1)).mode()
         z_shared = pipelines.encode_latents(fs, img, tile=16, overlap=4)
         dec_own, dec_shared = (pipelines.decode_latents(fs, q, tile=0) for q in (z_own, z_shared))
-    db = {name: _psnr(img, whole) for name, img in (("own", own), ("shared", shared), ("enc own", dec_own),
-                                                     ("enc shared", dec_shared))}  # fmt: skip
+    db = {
+        name: _psnr(img, whole)
+        for name, img in (("own", own), ("shared", shared), ("enc own", dec_own), ("enc shared", dec_shared))
+    }
     assert db["own"] < 25 and db["shared"] > 40 and db["enc own"] < 35 and db["enc shared"] > 40, db
 
 
@@ -130,7 +132,9 @@ def test_tiled_encode_mode_and_sample(vae):
         tiled = pipelines.encode_latents(vae, x, tile=16, overlap=4)
         g = [torch.Generator().manual_seed(s) for s in (3, 4)]
         sampled = pipelines.encode_latents(vae, x, g, tile=0)
-        ref = torch.cat([vae.encode_latent(x[i : i + 1], torch.Generator().manual_seed(s), True) for i, s in enumerate((3, 4))])
+        ref = torch.cat(
+            [vae.encode_latent(x[i : i + 1], torch.Generator().manual_seed(s), True) for i, s in enumerate((3, 4))]
+        )
     assert tiled.shape == whole.shape and (tiled - whole).abs().mean() < 0.1
     assert (sampled - ref).abs().max() < 1e-4  # batched vs single-image convolutions
 

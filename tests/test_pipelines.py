@@ -2,7 +2,6 @@
 by the original code), the same seeds (CPU generators, one per image), scheduler and settings:
 8-bit images differ by at most 1 level on 99.9% of pixel values."""
 
-
 import numpy as np
 import pytest
 import torch
@@ -31,12 +30,14 @@ def sd2(fixtures_dir, fixture_config, tmp_path_factory):
 def _pair(fixtures_dir, fixture_config, tmp_path_factory, name, _, pad, prediction):
     """(our bundle from the original file, the diffusers components converted from the same file)."""
     cfg = fixture_config(name)
-    bundle = load_model(str(fixtures_dir / f"{name}.safetensors"), config=cfg,
-                        overrides={"cond": {"num_attention_heads": 4}})  # fmt: skip
+    bundle = load_model(
+        str(fixtures_dir / f"{name}.safetensors"), config=cfg, overrides={"cond": {"num_attention_heads": 4}}
+    )
     if name == "sd1-tiny":
         folder = tmp_path_factory.mktemp(name) / "d"
-        unet, vae, text = make_diffusers_folder(fixtures_dir / f"{name}.safetensors", cfg["ldm_config"], folder,
-                                                text_heads=4, pad_token=pad)  # fmt: skip
+        unet, vae, text = make_diffusers_folder(
+            fixtures_dir / f"{name}.safetensors", cfg["ldm_config"], folder, text_heads=4, pad_token=pad
+        )
     else:
         unet, vae, text = _sd2_components(fixtures_dir, cfg)
     return bundle, unet, vae, text, prediction
@@ -44,8 +45,13 @@ def _pair(fixtures_dir, fixture_config, tmp_path_factory, name, _, pad, predicti
 
 def _sd2_components(fixtures_dir, cfg):
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
-        convert_open_clip_checkpoint, create_unet_diffusers_config_from_ldm, create_vae_diffusers_config_from_ldm)  # fmt: skip
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+        create_unet_diffusers_config_from_ldm,
+        create_vae_diffusers_config_from_ldm,
+    )
     from safetensors.torch import load_file
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -57,9 +63,17 @@ def _sd2_components(fixtures_dir, cfg):
     vae = AutoencoderKL(**vcfg)
     vae.load_state_dict(convert_ldm_vae_checkpoint(ckpt, vcfg))
     te = cfg["text_encoder"]
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=te["width"], intermediate_size=4 * te["width"],
-                                        num_hidden_layers=te["layers"] - 1, num_attention_heads=te["heads"],
-                                        max_position_embeddings=77, hidden_act="gelu"))  # fmt: skip
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=te["width"],
+            intermediate_size=4 * te["width"],
+            num_hidden_layers=te["layers"] - 1,
+            num_attention_heads=te["heads"],
+            max_position_embeddings=77,
+            hidden_act="gelu",
+        )
+    )
     sd = convert_open_clip_checkpoint(text, ckpt)
     own = text.state_dict().keys()
     if not any(k.startswith("text_model.") for k in own):  # transformers 5 dropped the nesting
@@ -98,8 +112,15 @@ SCHEDULERS = {
 
 def _scheduler(sampler, karras, prediction):
     cls, extra = SCHEDULERS[sampler]
-    kw = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
-              timestep_spacing="leading", prediction_type=prediction, **extra)  # fmt: skip
+    kw = dict(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type=prediction,
+        **extra,
+    )
     if sampler == "ddim":
         kw.update(clip_sample=False, set_alpha_to_one=False)
     if karras:
@@ -121,24 +142,43 @@ def assert_images_match(ours: torch.Tensor, theirs: np.ndarray):
 
 def _sd_pipeline(kind, bundle_pack, sampler, karras):
     bundle, unet, vae, text, prediction = bundle_pack
-    cls = {"txt2img": diffusers.StableDiffusionPipeline, "img2img": diffusers.StableDiffusionImg2ImgPipeline,
-           "inpaint": diffusers.StableDiffusionInpaintPipeline}[kind]  # fmt: skip
+    cls = {
+        "txt2img": diffusers.StableDiffusionPipeline,
+        "img2img": diffusers.StableDiffusionImg2ImgPipeline,
+        "inpaint": diffusers.StableDiffusionInpaintPipeline,
+    }[kind]
     pad = 0 if bundle.config.cond.pad_token_id == 0 else 49407
-    return cls(vae=vae, text_encoder=text, tokenizer=_tokenizer(pad), unet=unet,
-               scheduler=_scheduler(sampler, karras, prediction), safety_checker=None, feature_extractor=None,
-               requires_safety_checker=False)  # fmt: skip
+    return cls(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=_tokenizer(pad),
+        unet=unet,
+        scheduler=_scheduler(sampler, karras, prediction),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
-@pytest.mark.parametrize("sampler,karras", [("ddim", False), ("euler", False), ("heun", False),
-                                            ("dpmpp_2m", False), ("dpmpp_2m", True)])
+@pytest.mark.parametrize(
+    "sampler,karras", [("ddim", False), ("euler", False), ("heun", False), ("dpmpp_2m", False), ("dpmpp_2m", True)]
+)
 def test_txt2img_matches_diffusers(request, family, sampler, karras):
     pack = request.getfixturevalue(family)
     bundle = pack[0]
     seeds = [1234, 1235]
     pipe = _sd_pipeline("txt2img", pack, sampler, karras)
-    ref = pipe(PROMPTS, negative_prompt=[NEG] * 2, height=16, width=16, num_inference_steps=8, guidance_scale=7.5,
-               generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], output_type="np").images  # fmt: skip
+    ref = pipe(
+        PROMPTS,
+        negative_prompt=[NEG] * 2,
+        height=16,
+        width=16,
+        num_inference_steps=8,
+        guidance_scale=7.5,
+        generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+        output_type="np",
+    ).images
     st = Settings(steps=8, sampler=sampler, karras=karras, spacing="leading", cfg=7.5)
     ours = pipelines.txt2img(bundle, PROMPTS, [NEG] * 2, seeds, 16, 16, st)
     assert_images_match(ours, ref)
@@ -157,8 +197,16 @@ def test_img2img_matches_diffusers(request, family, sampler):
     img = _test_image()
     seeds = [99]
     pipe = _sd_pipeline("img2img", pack, sampler, False)
-    ref = pipe(PROMPTS[:1], image=img * 2 - 1, strength=0.6, num_inference_steps=10, guidance_scale=5.0,
-               negative_prompt=[NEG], generator=[torch.Generator("cpu").manual_seed(99)], output_type="np").images  # fmt: skip
+    ref = pipe(
+        PROMPTS[:1],
+        image=img * 2 - 1,
+        strength=0.6,
+        num_inference_steps=10,
+        guidance_scale=5.0,
+        negative_prompt=[NEG],
+        generator=[torch.Generator("cpu").manual_seed(99)],
+        output_type="np",
+    ).images
     st = Settings(steps=10, sampler=sampler, karras=False, spacing="leading", cfg=5.0, strength=0.6)
     ours = pipelines.img2img(pack[0], img, PROMPTS[:1], [NEG], seeds, st)
     assert_images_match(ours, ref)
@@ -219,9 +267,19 @@ def test_inpaint_9_channel_matches_diffusers(sd1_inpaint, sampler, strength):
     assert bundle.config.concat == "inpaint" and bundle.config.conditioning_key == "hybrid"
     img, mask = _test_image(), _mask()
     pipe = _sd_pipeline("inpaint", sd1_inpaint, sampler, False)
-    ref = pipe(PROMPTS[:1], image=img, mask_image=mask, height=16, width=16, strength=strength, num_inference_steps=10,
-               guidance_scale=6.0, negative_prompt=[NEG], generator=[torch.Generator("cpu").manual_seed(42)],
-               output_type="np").images  # fmt: skip
+    ref = pipe(
+        PROMPTS[:1],
+        image=img,
+        mask_image=mask,
+        height=16,
+        width=16,
+        strength=strength,
+        num_inference_steps=10,
+        guidance_scale=6.0,
+        negative_prompt=[NEG],
+        generator=[torch.Generator("cpu").manual_seed(42)],
+        output_type="np",
+    ).images
     st = Settings(steps=10, sampler=sampler, karras=False, spacing="leading", cfg=6.0, strength=strength)
     ours = pipelines.inpaint(bundle, img, mask, PROMPTS[:1], [NEG], [42], st)
     assert_images_match(ours, ref)
@@ -265,8 +323,17 @@ def test_superres_matches_ldm_superresolution_pipeline(tmp_path):
     from latentgen.config import ModelConfig
 
     unet, vq = build(LDM_SR, seed=31), make(VQ_F4, seed=32)
-    cfg = ModelConfig(unet=unet.config, first_stage=VQ_F4, cond=CondConfig(kind="none"), conditioning_key="concat",
-                      concat="lowres", scale_factor=1.0, linear_start=0.0015, linear_end=0.0155, name="tiny-ldm-sr")  # fmt: skip
+    cfg = ModelConfig(
+        unet=unet.config,
+        first_stage=VQ_F4,
+        cond=CondConfig(kind="none"),
+        conditioning_key="concat",
+        concat="lowres",
+        scale_factor=1.0,
+        linear_start=0.0015,
+        linear_end=0.0155,
+        name="tiny-ldm-sr",
+    )
     save_model(tmp_path / "sr.safetensors", cfg, unet, vq, build_conditioner(cfg.cond))
     bundle = load_model(str(tmp_path / "sr.safetensors"))
 
@@ -275,12 +342,23 @@ def test_superres_matches_ldm_superresolution_pipeline(tmp_path):
     config = diffusers_config(VQ_F4)
     ref_vq = DiffusersVQ(**config, num_vq_embeddings=VQ_F4.n_embed, vq_embed_dim=VQ_F4.embed_dim).eval()
     ref_vq.load_state_dict(vq_to_diffusers(ckpt, VQ_F4, config), strict=True)
-    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0155, steps_offset=1,
-                          clip_sample=False, set_alpha_to_one=False)  # fmt: skip
+    sched = DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.0015,
+        beta_end=0.0155,
+        steps_offset=1,
+        clip_sample=False,
+        set_alpha_to_one=False,
+    )
     pipe = LDMSuperResolutionPipeline(vqvae=ref_vq, unet=ref_unet, scheduler=sched)
     low = _test_image(size=16)
-    ref = pipe(image=low * 2 - 1, num_inference_steps=10, eta=0.0, generator=torch.Generator("cpu").manual_seed(8),
-               output_type="np").images  # fmt: skip
+    ref = pipe(
+        image=low * 2 - 1,
+        num_inference_steps=10,
+        eta=0.0,
+        generator=torch.Generator("cpu").manual_seed(8),
+        output_type="np",
+    ).images
     ours = pipelines.superres(bundle, low, [8], Settings(steps=10, sampler="ddim", karras=False, cfg=1.0))
     assert ours.shape[-1] == 64
     assert_images_match(ours, ref)

@@ -190,8 +190,9 @@ class TinyNet(torch.nn.Module):
         return self.conv_out(torch.nn.functional.silu(self.norm(h)))
 
 
-def diffusers_run(scheduler, net, noise, cond, uncond, scale, steps, *, z0=None, strength=None, concat=None,
-                  v_to_eps=False, **step_kw):
+def diffusers_run(
+    scheduler, net, noise, cond, uncond, scale, steps, *, z0=None, strength=None, concat=None, v_to_eps=False, **step_kw
+):
     """The StableDiffusion[Img2Img]Pipeline denoising loop, reduced to its scheduler calls."""
     scheduler.set_timesteps(steps)
     timesteps = scheduler.timesteps
@@ -221,8 +222,24 @@ def diffusers_run(scheduler, net, noise, cond, uncond, scale, steps, *, z0=None,
     return latents
 
 
-def ours_run(schedule, sampler, net, noise, cond, uncond, scale, steps, *, spacing="leading", karras=False,
-             prediction="eps", z0=None, strength=None, concat=None, **options):
+def ours_run(
+    schedule,
+    sampler,
+    net,
+    noise,
+    cond,
+    uncond,
+    scale,
+    steps,
+    *,
+    spacing="leading",
+    karras=False,
+    prediction="eps",
+    z0=None,
+    strength=None,
+    concat=None,
+    **options,
+):
     sigmas = get_sigmas(schedule, steps, sampler=sampler, spacing=spacing, karras=karras)
     model = CFGDenoiser(Denoiser(net, schedule, prediction, quantize=quantize_timesteps(sampler)))
     if strength is None:
@@ -230,8 +247,11 @@ def ours_run(schedule, sampler, net, noise, cond, uncond, scale, steps, *, spaci
     else:
         sigmas = strength_sigmas(sigmas, strength)
         x = noise_for_img2img(z0, noise, sigmas[0])
-    extra = {"cond": {"context": cond, "concat": concat}, "uncond": {"context": uncond, "concat": concat},
-             "cond_scale": scale}
+    extra = {
+        "cond": {"context": cond, "concat": concat},
+        "uncond": {"context": uncond, "concat": concat},
+        "cond_scale": scale,
+    }
     x = get_sampler(sampler)(model, x, sigmas, extra_args=extra, **options)
     return to_latent(x, sigmas[-1])
 
@@ -278,8 +298,9 @@ def test_txt2img_run_matches_diffusers(schedule, sampler, spacing, karras, steps
         ref = diffusers_run(scheduler, net, noise, cond, uncond, 7.5, steps, v_to_eps=True)
     else:
         ref = diffusers_run(make_scheduler(sampler, spacing, karras, prediction), net, noise, cond, uncond, 7.5, steps)
-    ours = ours_run(schedule, sampler, net, noise, cond, uncond, 7.5, steps, spacing=spacing, karras=karras,
-                    prediction=prediction)
+    ours = ours_run(
+        schedule, sampler, net, noise, cond, uncond, 7.5, steps, spacing=spacing, karras=karras, prediction=prediction
+    )
     assert rel_err(ours, ref) < 1e-4
 
 
@@ -300,25 +321,59 @@ def test_stochastic_run_matches_diffusers_with_same_generator(schedule, sampler,
     """Same CPU generator, same draws in the same order: stochastic samplers match diffusers exactly too."""
     net, noise, cond, uncond, _ = _inputs()
     scheduler = make_scheduler(sampler, spacing, karras, "eps")
-    ref = diffusers_run(scheduler, net, noise, cond, uncond, 7.5, 10, generator=torch.Generator().manual_seed(5),
-                        **step_kw)
-    ours = ours_run(schedule, sampler, net, noise, cond, uncond, 7.5, 10, spacing=spacing, karras=karras,
-                    generator=torch.Generator().manual_seed(5), **options)
+    ref = diffusers_run(
+        scheduler, net, noise, cond, uncond, 7.5, 10, generator=torch.Generator().manual_seed(5), **step_kw
+    )
+    ours = ours_run(
+        schedule,
+        sampler,
+        net,
+        noise,
+        cond,
+        uncond,
+        7.5,
+        10,
+        spacing=spacing,
+        karras=karras,
+        generator=torch.Generator().manual_seed(5),
+        **options,
+    )
     assert rel_err(ours, ref) < 1e-4
 
 
-@pytest.mark.parametrize("sampler,karras,prediction", [
-    ("ddim", False, "eps"), ("euler", False, "v"), ("euler", True, "eps"), ("heun", False, "eps"),
-    ("dpmpp_2m", False, "v"), ("dpmpp_2m", True, "eps"), ("euler_a", False, "eps"),
-])
+@pytest.mark.parametrize(
+    "sampler,karras,prediction",
+    [
+        ("ddim", False, "eps"),
+        ("euler", False, "v"),
+        ("euler", True, "eps"),
+        ("heun", False, "eps"),
+        ("dpmpp_2m", False, "v"),
+        ("dpmpp_2m", True, "eps"),
+        ("euler_a", False, "eps"),
+    ],
+)
 def test_img2img_tail_matches_diffusers(schedule, sampler, karras, prediction):
     net, noise, cond, uncond, z0 = _inputs()
     scheduler = make_scheduler(sampler, "leading", karras, prediction)
     gen_kw = {"generator": torch.Generator().manual_seed(3)} if sampler == "euler_a" else {}
     ref = diffusers_run(scheduler, net, noise, cond, uncond, 7.5, 10, z0=z0, strength=0.6, **gen_kw)
     gen_kw = {"generator": torch.Generator().manual_seed(3)} if sampler == "euler_a" else {}
-    ours = ours_run(schedule, sampler, net, noise, cond, uncond, 7.5, 10, karras=karras, prediction=prediction,
-                    z0=z0, strength=0.6, **gen_kw)
+    ours = ours_run(
+        schedule,
+        sampler,
+        net,
+        noise,
+        cond,
+        uncond,
+        7.5,
+        10,
+        karras=karras,
+        prediction=prediction,
+        z0=z0,
+        strength=0.6,
+        **gen_kw,
+    )
     assert rel_err(ours, ref) < 1e-4
 
 
@@ -389,8 +444,13 @@ def test_callback_sees_every_step_and_img2img_does_not_assume_sigma_max(schedule
     assert sigmas.shape[0] == 4 and float(sigmas[0]) < schedule.sigma_max / 10
     seen = []
     model = CFGDenoiser(Denoiser(net, schedule))
-    get_sampler("heun")(model, noise_for_img2img(z0, noise, sigmas[0]), sigmas,
-                        extra_args={"cond": {"context": cond}}, callback=seen.append)
+    get_sampler("heun")(
+        model,
+        noise_for_img2img(z0, noise, sigmas[0]),
+        sigmas,
+        extra_args={"cond": {"context": cond}},
+        callback=seen.append,
+    )
     assert [s["i"] for s in seen] == [0, 1, 2]
     assert [s["sigma"] for s in seen] == pytest.approx(sigmas[:-1].tolist())
     assert set(seen[0]) == {"i", "sigma", "x", "denoised"}
@@ -405,9 +465,14 @@ def test_per_image_generators_match_single_image_runs(schedule):
     gens = [torch.Generator().manual_seed(100 + i) for i in range(2)]
     batch = get_sampler("euler_a")(model, x, sigmas, extra_args={"context": cond}, generator=gens)
     for i in range(2):
-        single = get_sampler("euler_a")(model, x[i:i + 1], sigmas, extra_args={"context": cond[i:i + 1]},
-                                        generator=torch.Generator().manual_seed(100 + i))
-        assert (single - batch[i:i + 1]).abs().max() < 1e-4
+        single = get_sampler("euler_a")(
+            model,
+            x[i : i + 1],
+            sigmas,
+            extra_args={"context": cond[i : i + 1]},
+            generator=torch.Generator().manual_seed(100 + i),
+        )
+        assert (single - batch[i : i + 1]).abs().max() < 1e-4
 
 
 def test_seed_noise_equals_diffusers_randn_tensor():
@@ -450,8 +515,9 @@ def test_ddim_eta_one_is_stochastic_and_on_distribution(schedule):
     sigmas = get_sigmas(schedule, 250, sampler="ddim")
     g = torch.Generator().manual_seed(1)
     n = torch.randn(2000, 16, generator=g)
-    out = get_sampler("ddim")(gaussian_denoiser, MU + math.sqrt(S**2 + float(sigmas[0]) ** 2) * n, sigmas,
-                              generator=g, eta=1.0)
+    out = get_sampler("ddim")(
+        gaussian_denoiser, MU + math.sqrt(S**2 + float(sigmas[0]) ** 2) * n, sigmas, generator=g, eta=1.0
+    )
     std = math.sqrt(S**2 + float(sigmas[-1]) ** 2)
     assert abs(out.mean().item() - MU) < 4 * std / math.sqrt(out.numel())
     assert abs(out.std().item() / std - 1) < 0.02
@@ -474,6 +540,7 @@ def test_training_loss_targets_match_diffusers(schedule, prediction):
 
     loss = training_loss(oracle, schedule, prediction, z0, {"context": None}, torch.Generator().manual_seed(0))
     assert loss.item() < 1e-8
-    wrong = training_loss(lambda z, t, context=None: torch.zeros_like(z), schedule, prediction, z0, {},
-                          torch.Generator().manual_seed(0))
+    wrong = training_loss(
+        lambda z, t, context=None: torch.zeros_like(z), schedule, prediction, z0, {}, torch.Generator().manual_seed(0)
+    )
     assert wrong.item() > 0.1

@@ -18,14 +18,43 @@ from safetensors.torch import save_file
 from latentgen import pipelines
 from latentgen.checkpoint import load_first_stage, load_model, read_safetensors
 from latentgen.errors import CheckpointError, ConfigError, InputError
-from latentgen.train import (AEOptions, LDMOptions, LPIPS, LaplacianPyramidLoss, load_lpips, read_state,
-                             train_autoencoder, train_ldm)  # fmt: skip
+from latentgen.train import (
+    LPIPS,
+    AEOptions,
+    LaplacianPyramidLoss,
+    LDMOptions,
+    load_lpips,
+    read_state,
+    train_autoencoder,
+    train_ldm,
+)
 
-TINY_AE = dict(size=16, f=2, ch=32, ch_mult=(1, 2), embed_dim=3, disc_layers=2, disc_ch=16, batch_size=4,
-               log_every=1000, save_every=1000)  # fmt: skip
-TINY_LDM = dict(size=16, model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,), num_head_channels=16,
-                text_dim=32, text_layers=1, text_heads=2, class_dim=32, log_every=1000, save_every=1000,
-                sample_steps=2)  # fmt: skip
+TINY_AE = dict(
+    size=16,
+    f=2,
+    ch=32,
+    ch_mult=(1, 2),
+    embed_dim=3,
+    disc_layers=2,
+    disc_ch=16,
+    batch_size=4,
+    log_every=1000,
+    save_every=1000,
+)
+TINY_LDM = dict(
+    size=16,
+    model_channels=32,
+    channel_mult=(1, 2),
+    attention_resolutions=(2,),
+    num_head_channels=16,
+    text_dim=32,
+    text_layers=1,
+    text_heads=2,
+    class_dim=32,
+    log_every=1000,
+    save_every=1000,
+    sample_steps=2,
+)
 QUIET = dict(log=lambda msg: None)
 
 
@@ -61,10 +90,11 @@ def ldm_opts(tmp_path: Path, ae: Path, **kw) -> LDMOptions:
 
 def test_train_ae_kl_loss_falls_and_loads(tmp_path):
     out = tmp_path / "kl"
-    res = train_autoencoder(AEOptions(data="shapes:4", out=str(out), steps=16, lr=2e-3, disc_start=10,
-                                      sample_every=16, **TINY_AE), **QUIET)  # fmt: skip
+    res = train_autoencoder(
+        AEOptions(data="shapes:4", out=str(out), steps=16, lr=2e-3, disc_start=10, sample_every=16, **TINY_AE), **QUIET
+    )
     first, last = first_last(res.losses[:10], "rec", 3)  # before the discriminator starts
-    assert last < 0.7 * first, ([round(r["rec"], 3) for r in res.losses])
+    assert last < 0.7 * first, [round(r["rec"], 3) for r in res.losses]
     assert "g" in res.losses[-1] and "d" in res.losses[-1] and "g" not in res.losses[0]  # discriminator from step 10
     tensors, meta = read_safetensors(out / "autoencoder.safetensors")
     assert all(k.startswith("first_stage_model.") for k in tensors)
@@ -79,17 +109,45 @@ def test_train_ae_kl_loss_falls_and_loads(tmp_path):
 
 
 def test_train_ae_vq_via_cli(tmp_path):
+    import typer
     from typer.testing import CliRunner
 
     from latentgen.cli_train import train_ae
-    import typer
 
     app = typer.Typer()
     app.command("train-ae")(train_ae)
     app.command("other")(lambda: None)
-    args = ["train-ae", "--data", "shapes:4", "--reg", "vq", "--f", "2", "--out", str(tmp_path / "vq"), "--size", "16",
-            "--steps", "12", "--batch-size", "4", "--ch", "32", "--ch-mult", "1,2", "--embed-dim", "3", "--n-embed",
-            "32", "--lr", "2e-3", "--disc-start", "100", "--log-every", "1"]  # fmt: skip
+    args = [
+        "train-ae",
+        "--data",
+        "shapes:4",
+        "--reg",
+        "vq",
+        "--f",
+        "2",
+        "--out",
+        str(tmp_path / "vq"),
+        "--size",
+        "16",
+        "--steps",
+        "12",
+        "--batch-size",
+        "4",
+        "--ch",
+        "32",
+        "--ch-mult",
+        "1,2",
+        "--embed-dim",
+        "3",
+        "--n-embed",
+        "32",
+        "--lr",
+        "2e-3",
+        "--disc-start",
+        "100",
+        "--log-every",
+        "1",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert result.stdout.strip().endswith("autoencoder.safetensors")
@@ -109,8 +167,9 @@ def test_train_ae_vq_via_cli(tmp_path):
 
 @pytest.mark.parametrize("cond", ["text", "class", "sr", "inpaint"])
 def test_train_ldm_loss_falls_and_samples(tmp_path, tiny_ae, cond):
-    opts = ldm_opts(tmp_path, tiny_ae, data="shapes:4", cond=cond, steps=20, lr=3e-3,
-                    prediction="v" if cond == "sr" else "eps")  # fmt: skip
+    opts = ldm_opts(
+        tmp_path, tiny_ae, data="shapes:4", cond=cond, steps=20, lr=3e-3, prediction="v" if cond == "sr" else "eps"
+    )
     res = train_ldm(opts, **QUIET)
     first, last = first_last(res.losses, "loss")
     assert last < 0.9 * first, (first, last)
@@ -148,8 +207,16 @@ def test_cached_latents_match_encoding_every_step(tmp_path, tiny_ae, monkeypatch
     runs = {}
     for cache, workers in ((False, 0), (True, 0), (True, 2)):
         calls.clear()
-        opts = ldm_opts(tmp_path, tiny_ae, cond="text", steps=4, out=str(tmp_path / f"c{cache}{workers}"),
-                        cache_latents=cache, workers=workers, scale_batches=1)  # fmt: skip
+        opts = ldm_opts(
+            tmp_path,
+            tiny_ae,
+            cond="text",
+            steps=4,
+            out=str(tmp_path / f"c{cache}{workers}"),
+            cache_latents=cache,
+            workers=workers,
+            scale_batches=1,
+        )
         runs[cache, workers] = (train_ldm(opts, **QUIET).losses, list(calls))
     (plain, plain_calls), (cached, cached_calls) = runs[False, 0], runs[True, 0]
     assert [r["loss"] for r in cached] == pytest.approx([r["loss"] for r in plain], rel=1e-5)
@@ -192,8 +259,9 @@ def test_lr_decay_and_text_length(tmp_path, tiny_ae):
 def test_l2_weight_and_adam_betas(tmp_path):
     kw = dict(data="shapes:8", steps=1, disc_start=100, **TINY_AE)
     plain = train_autoencoder(AEOptions(out=str(tmp_path / "a"), **kw), **QUIET).losses[0]
-    l2 = train_autoencoder(AEOptions(out=str(tmp_path / "b"), l2_weight=1.0, adam_betas=(0.9, 0.99), **kw),
-                           **QUIET).losses[0]  # fmt: skip
+    l2 = train_autoencoder(
+        AEOptions(out=str(tmp_path / "b"), l2_weight=1.0, adam_betas=(0.9, 0.99), **kw), **QUIET
+    ).losses[0]
     assert l2["rec"] == pytest.approx(plain["rec"], rel=1e-6)  # same weights and batch at step 1 ...
     assert l2["loss"] > plain["loss"] + 1.0  # ... plus the summed squared error
     assert read_state(tmp_path / "b").json("run")["adam_betas"] == [0.9, 0.99]
@@ -248,8 +316,16 @@ def test_two_gloo_processes_equal_one_process(tmp_path, tiny_ae, cache):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           json.dumps(two)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        json.dumps(two),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = _state_weights(tmp_path / "one"), _state_weights(tmp_path / "two")
@@ -313,8 +389,12 @@ def test_bad_data_folders(tmp_path, tiny_ae, case):
         _write_png(data / "a.png", 8)
     elif case == "captions":
         _write_png(data / "a.png", 16)
-    match = {"empty": "has no images", "unreadable": "cannot read image", "small": "smaller than the training size",
-             "captions": "has no caption"}[case]  # fmt: skip
+    match = {
+        "empty": "has no images",
+        "unreadable": "cannot read image",
+        "small": "smaller than the training size",
+        "captions": "has no caption",
+    }[case]
     with pytest.raises(InputError, match=match) as err:
         if case == "captions":
             train_ldm(ldm_opts(tmp_path, tiny_ae, data=str(data), cond="text"), **QUIET)
@@ -358,7 +438,9 @@ def test_resume_with_other_options_and_occupied_out(tmp_path, tiny_ae):
 
 
 def test_lpips_loads_torchvision_vgg16_keys(tmp_path):
-    expected = {f"features.{i}.{w}" for i in (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28) for w in ("weight", "bias")}
+    expected = {
+        f"features.{i}.{w}" for i in (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28) for w in ("weight", "bias")
+    }
     lp = LPIPS()
     assert set(lp.net.state_dict()) == expected
     g = torch.Generator().manual_seed(0)
@@ -370,7 +452,9 @@ def test_lpips_loads_torchvision_vgg16_keys(tmp_path):
     assert uniform.heads == "uniform"
     x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
     assert uniform(x, x).abs().max() < 1e-6 and (uniform(x, y) > 0).all()
-    heads = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for i, c in enumerate((64, 128, 256, 512, 512))}
+    heads = {
+        f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for i, c in enumerate((64, 128, 256, 512, 512))
+    }
     save_file({**sd, **heads}, str(path))
     learned = load_lpips(str(path))
     assert learned.heads == "lpips" and torch.equal(learned.lin3.model[1].weight, heads["lin3.model.1.weight"])
@@ -385,12 +469,17 @@ def test_laplacian_pyramid_loss():
     assert torch.allclose(shifted.flatten(), torch.full((2,), 0.1), atol=1e-5)
 
 
-@pytest.mark.parametrize("args, match", [(["train-ae", "--adam-betas", "0.9,x"], "--adam-betas takes"),
-                                         (["train-ae", "--adam-betas", "0.9"], "--adam-betas takes two"),
-                                         (["train-ae", "--norm-groups", "7"], "multiples of --norm-groups 7"),
-                                         (["train-ldm", "--lr-decay", "linear"], "--lr-decay must be"),
-                                         (["train-ldm", "--time-budget", "-1"], "--time-budget must be"),
-                                         (["train-ldm", "--workers", "-2"], "--workers must be")])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["train-ae", "--adam-betas", "0.9,x"], "--adam-betas takes"),
+        (["train-ae", "--adam-betas", "0.9"], "--adam-betas takes two"),
+        (["train-ae", "--norm-groups", "7"], "multiples of --norm-groups 7"),
+        (["train-ldm", "--lr-decay", "linear"], "--lr-decay must be"),
+        (["train-ldm", "--time-budget", "-1"], "--time-budget must be"),
+        (["train-ldm", "--workers", "-2"], "--workers must be"),
+    ],
+)
 def test_bad_training_options_one_line(tmp_path, args, match):
     from typer.testing import CliRunner
 

@@ -7,9 +7,9 @@ import re
 
 import pytest
 import torch
+from helpers_models import UNET_PREFIX, max_scaled_err, randomize_, save_original_checkpoint, strip_prefix
 from safetensors.torch import load_file
 
-from helpers_models import UNET_PREFIX, max_scaled_err, randomize_, save_original_checkpoint, strip_prefix
 from latentgen.errors import CheckpointError, ConfigError, InputError
 from latentgen.unet import AttentionBlock, UNetConfig, UNetModel
 
@@ -70,12 +70,36 @@ def test_config_inferred_from_weights(fixtures_dir, fixture_config, name):
 # ---------------------------------------------------------------------------------------------
 # 2. diffusers' UNet2DConditionModel through diffusers' own single-file conversion
 
-SD1 = dict(in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[1, 2], num_res_blocks=1,
-           channel_mult=[1, 2, 2], num_heads=2, use_spatial_transformer=True, transformer_depth=2, context_dim=24,
-           use_checkpoint=False, legacy=False)
-SD2 = dict(in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[1, 2], num_res_blocks=2,
-           channel_mult=[1, 2], num_head_channels=16, use_spatial_transformer=True, use_linear_in_transformer=True,
-           transformer_depth=1, context_dim=40, use_checkpoint=False, use_fp16=False, legacy=False)
+SD1 = dict(
+    in_channels=4,
+    out_channels=4,
+    model_channels=32,
+    attention_resolutions=[1, 2],
+    num_res_blocks=1,
+    channel_mult=[1, 2, 2],
+    num_heads=2,
+    use_spatial_transformer=True,
+    transformer_depth=2,
+    context_dim=24,
+    use_checkpoint=False,
+    legacy=False,
+)
+SD2 = dict(
+    in_channels=4,
+    out_channels=4,
+    model_channels=32,
+    attention_resolutions=[1, 2],
+    num_res_blocks=2,
+    channel_mult=[1, 2],
+    num_head_channels=16,
+    use_spatial_transformer=True,
+    use_linear_in_transformer=True,
+    transformer_depth=1,
+    context_dim=40,
+    use_checkpoint=False,
+    use_fp16=False,
+    legacy=False,
+)
 SD1_INPAINT = {**SD1, "in_channels": 9}
 
 
@@ -83,8 +107,14 @@ def diffusers_cond_unet(params: dict, ckpt: dict):
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
 
-    original_config = {"model": {"params": {"unet_config": {"params": params},
-                                            "first_stage_config": {"params": {"ddconfig": {"ch_mult": [1, 2]}}}}}}
+    original_config = {
+        "model": {
+            "params": {
+                "unet_config": {"params": params},
+                "first_stage_config": {"params": {"ddconfig": {"ch_mult": [1, 2]}}},
+            }
+        }
+    }
     config = create_unet_diffusers_config_from_ldm(original_config, ckpt, image_size=16)
     ref = UNet2DConditionModel(**config)
     ref.load_state_dict(convert_ldm_unet_checkpoint(ckpt, config), strict=True)
@@ -111,21 +141,51 @@ def test_cross_attention_unet_matches_diffusers(tmp_path, params):
 # module has no converter for these, so the key mapping below (written from the two architectures)
 # is the independent reference.
 
-LDM_UNCOND = dict(in_channels=3, out_channels=3, model_channels=32, attention_resolutions=[2], num_res_blocks=1,
-                  channel_mult=[1, 2], num_head_channels=16, use_scale_shift_norm=True, resblock_updown=True)
-LDM_CLASS = dict(in_channels=3, out_channels=3, model_channels=32, attention_resolutions=[1, 2], num_res_blocks=2,
-                 channel_mult=[1, 2], num_head_channels=16, num_classes=10)
-LDM_SR = dict(in_channels=6, out_channels=3, model_channels=32, attention_resolutions=[2, 4], num_res_blocks=1,
-              channel_mult=[1, 2, 2], num_head_channels=32)  # latent (3) + low-res image (3) channels
+LDM_UNCOND = dict(
+    in_channels=3,
+    out_channels=3,
+    model_channels=32,
+    attention_resolutions=[2],
+    num_res_blocks=1,
+    channel_mult=[1, 2],
+    num_head_channels=16,
+    use_scale_shift_norm=True,
+    resblock_updown=True,
+)
+LDM_CLASS = dict(
+    in_channels=3,
+    out_channels=3,
+    model_channels=32,
+    attention_resolutions=[1, 2],
+    num_res_blocks=2,
+    channel_mult=[1, 2],
+    num_head_channels=16,
+    num_classes=10,
+)
+LDM_SR = dict(
+    in_channels=6,
+    out_channels=3,
+    model_channels=32,
+    attention_resolutions=[2, 4],
+    num_res_blocks=1,
+    channel_mult=[1, 2, 2],
+    num_head_channels=32,
+)  # latent (3) + low-res image (3) channels
 
-_RES_NAMES = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),
-              ("out_layers.0", "norm2"), ("out_layers.3", "conv2"), ("skip_connection", "conv_shortcut")]
+_RES_NAMES = [
+    ("in_layers.0", "norm1"),
+    ("in_layers.2", "conv1"),
+    ("emb_layers.1", "time_emb_proj"),
+    ("out_layers.0", "norm2"),
+    ("out_layers.3", "conv2"),
+    ("skip_connection", "conv_shortcut"),
+]
 
 
 def _take(sd: dict, prefix: str) -> dict:
     """Pop the entries under `prefix.` and return them keyed by the rest of the name."""
     keys = [k for k in sd if k.startswith(prefix + ".")]
-    return {k[len(prefix) + 1:]: sd.pop(k) for k in keys}
+    return {k[len(prefix) + 1 :]: sd.pop(k) for k in keys}
 
 
 def _resblock(sd: dict, src: str, dst: str, out: dict) -> None:
@@ -155,8 +215,13 @@ def ldm_to_unet2d(unet_sd: dict, params: dict) -> dict:
     sd, out = dict(unet_sd), {}
     n, levels, hc = params["num_res_blocks"], len(params["channel_mult"]), params["num_head_channels"]
     attn_levels = {int(math.log2(r)) for r in params["attention_resolutions"]}
-    for src, dst in [("input_blocks.0.0", "conv_in"), ("time_embed.0", "time_embedding.linear_1"),
-                     ("time_embed.2", "time_embedding.linear_2"), ("out.0", "conv_norm_out"), ("out.2", "conv_out")]:
+    for src, dst in [
+        ("input_blocks.0.0", "conv_in"),
+        ("time_embed.0", "time_embedding.linear_1"),
+        ("time_embed.2", "time_embedding.linear_2"),
+        ("out.0", "conv_norm_out"),
+        ("out.2", "conv_out"),
+    ]:
         out.update({f"{dst}.{k}": v for k, v in _take(sd, src).items()})
     if "label_emb.weight" in sd:
         out["class_embedding.weight"] = sd.pop("label_emb.weight")
@@ -169,8 +234,12 @@ def ldm_to_unet2d(unet_sd: dict, params: dict) -> dict:
             i += 1
         if level < levels - 1:
             if f"input_blocks.{i}.0.op.weight" in sd:
-                out.update({f"down_blocks.{level}.downsamplers.0.conv.{k[3:]}": v
-                            for k, v in _take(sd, f"input_blocks.{i}.0").items()})
+                out.update(
+                    {
+                        f"down_blocks.{level}.downsamplers.0.conv.{k[3:]}": v
+                        for k, v in _take(sd, f"input_blocks.{i}.0").items()
+                    }
+                )
             else:
                 _resblock(sd, f"input_blocks.{i}.0", f"down_blocks.{level}.downsamplers.0", out)
             i += 1
@@ -187,8 +256,12 @@ def ldm_to_unet2d(unet_sd: dict, params: dict) -> dict:
                 k = 2
             if level > 0 and j == n:
                 if f"output_blocks.{i}.{k}.conv.weight" in sd:
-                    out.update({f"up_blocks.{up}.upsamplers.0.{name}": v
-                                for name, v in _take(sd, f"output_blocks.{i}.{k}").items()})
+                    out.update(
+                        {
+                            f"up_blocks.{up}.upsamplers.0.{name}": v
+                            for name, v in _take(sd, f"output_blocks.{i}.{k}").items()
+                        }
+                    )
                 else:
                     _resblock(sd, f"output_blocks.{i}.{k}", f"up_blocks.{up}.upsamplers.0", out)
             i += 1
@@ -205,12 +278,18 @@ def diffusers_unet2d(params: dict, unet_sd: dict):
     down = ["AttnDownBlock2D" if a else ("ResnetDownsampleBlock2D" if resnet else "DownBlock2D") for a in attn]
     up = ["AttnUpBlock2D" if a else ("ResnetUpsampleBlock2D" if resnet else "UpBlock2D") for a in reversed(attn)]
     ref = UNet2DModel(
-        in_channels=params["in_channels"], out_channels=params["out_channels"], down_block_types=down,
-        up_block_types=up, block_out_channels=[params["model_channels"] * m for m in params["channel_mult"]],
-        layers_per_block=params["num_res_blocks"], attention_head_dim=params["num_head_channels"],
+        in_channels=params["in_channels"],
+        out_channels=params["out_channels"],
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=[params["model_channels"] * m for m in params["channel_mult"]],
+        layers_per_block=params["num_res_blocks"],
+        attention_head_dim=params["num_head_channels"],
         resnet_time_scale_shift="scale_shift" if params.get("use_scale_shift_norm") else "default",
-        downsample_type="resnet" if resnet else "conv", upsample_type="resnet" if resnet else "conv",
-        num_class_embeds=params.get("num_classes"), attn_norm_num_groups=32,
+        downsample_type="resnet" if resnet else "conv",
+        upsample_type="resnet" if resnet else "conv",
+        num_class_embeds=params.get("num_classes"),
+        attn_norm_num_groups=32,
     )
     ref.load_state_dict(ldm_to_unet2d(unet_sd, params), strict=True)
     return ref.eval()
@@ -232,7 +311,8 @@ def test_legacy_attention_unet_matches_diffusers(tmp_path, params):
     inferred = UNetConfig.from_state_dict(strip_prefix(ckpt, UNET_PREFIX)).to_dict()
     declared = model.config.to_dict()
     assert {k: v for k, v in inferred.items() if k not in NOT_IN_WEIGHTS} == {
-        k: v for k, v in declared.items() if k not in NOT_IN_WEIGHTS}
+        k: v for k, v in declared.items() if k not in NOT_IN_WEIGHTS
+    }
 
 
 def _qkv_attention_original(qkv: torch.Tensor, n_heads: int, legacy: bool) -> torch.Tensor:

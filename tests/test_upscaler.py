@@ -11,9 +11,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers_models import randomize_
 from safetensors.torch import load_file, save_file
 
-from helpers_models import randomize_
 from latentgen import pipelines
 from latentgen.checkpoint import build_modules, load_model, save_model
 from latentgen.conditioning import CondConfig, clip_to_openclip
@@ -25,26 +25,72 @@ from test_pipelines import _tokenizer, assert_images_match  # noqa: E402
 
 # configs/stable-diffusion/x4-upscaling.yaml, shrunk: the same structure (no attention at level 0, levels 1.. with
 # self-attention disabled except the last, as wide as the context there, linear proj, 8 heads, 1000 classes).
-UNET = dict(use_checkpoint=False, num_classes=1000, image_size=16, in_channels=7, out_channels=4, model_channels=32,
-            attention_resolutions=[2, 4], num_res_blocks=1, channel_mult=[1, 2, 4],
-            disable_self_attentions=[True, True, False], disable_middle_self_attn=False, num_heads=8,
-            use_spatial_transformer=True, transformer_depth=1, context_dim=128, legacy=False,
-            use_linear_in_transformer=True)  # fmt: skip
-FIRST_STAGE = {"embed_dim": 4, "ddconfig": {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3,
-                                            "out_ch": 3, "ch": 32, "ch_mult": [1, 2, 4], "num_res_blocks": 1,
-                                            "attn_resolutions": [], "dropout": 0.0}}  # fmt: skip
+UNET = dict(
+    use_checkpoint=False,
+    num_classes=1000,
+    image_size=16,
+    in_channels=7,
+    out_channels=4,
+    model_channels=32,
+    attention_resolutions=[2, 4],
+    num_res_blocks=1,
+    channel_mult=[1, 2, 4],
+    disable_self_attentions=[True, True, False],
+    disable_middle_self_attn=False,
+    num_heads=8,
+    use_spatial_transformer=True,
+    transformer_depth=1,
+    context_dim=128,
+    legacy=False,
+    use_linear_in_transformer=True,
+)
+FIRST_STAGE = {
+    "embed_dim": 4,
+    "ddconfig": {
+        "double_z": True,
+        "z_channels": 4,
+        "resolution": 64,
+        "in_channels": 3,
+        "out_ch": 3,
+        "ch": 32,
+        "ch_mult": [1, 2, 4],
+        "num_res_blocks": 1,
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    },
+}
 TEXT = dict(width=128, layers=3, heads=2)  # OpenCLIP-like; the x4 model uses its penultimate layer
-LDM_CONFIG = {"model": {"target": "ldm.models.diffusion.ddpm.LatentUpscaleDiffusion", "params": {
-    "parameterization": "v", "low_scale_key": "lr", "linear_start": 0.0001, "linear_end": 0.02, "timesteps": 1000,
-    "first_stage_key": "jpg", "cond_stage_key": "txt", "image_size": 16, "channels": 4,
-    "conditioning_key": "hybrid-adm", "scale_factor": 0.08333,
-    "low_scale_config": {"target": "ldm.modules.diffusionmodules.upscaling.ImageConcatWithNoiseAugmentation",
-                         "params": {"noise_schedule_config": {"linear_start": 0.0001, "linear_end": 0.02},
-                                    "max_noise_level": 350}},
-    "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": UNET},
-    "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": FIRST_STAGE},
-    "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
-                          "params": {"freeze": True, "layer": "penultimate"}}}}}  # fmt: skip
+LDM_CONFIG = {
+    "model": {
+        "target": "ldm.models.diffusion.ddpm.LatentUpscaleDiffusion",
+        "params": {
+            "parameterization": "v",
+            "low_scale_key": "lr",
+            "linear_start": 0.0001,
+            "linear_end": 0.02,
+            "timesteps": 1000,
+            "first_stage_key": "jpg",
+            "cond_stage_key": "txt",
+            "image_size": 16,
+            "channels": 4,
+            "conditioning_key": "hybrid-adm",
+            "scale_factor": 0.08333,
+            "low_scale_config": {
+                "target": "ldm.modules.diffusionmodules.upscaling.ImageConcatWithNoiseAugmentation",
+                "params": {
+                    "noise_schedule_config": {"linear_start": 0.0001, "linear_end": 0.02},
+                    "max_noise_level": 350,
+                },
+            },
+            "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": UNET},
+            "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": FIRST_STAGE},
+            "cond_stage_config": {
+                "target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+                "params": {"freeze": True, "layer": "penultimate"},
+            },
+        },
+    }
+}
 PROMPTS = ["a red circle above a blue square", "an oil painting of a lighthouse at night"]
 NEG = "blurry"
 SEEDS = [1234, 1235]
@@ -54,10 +100,16 @@ def _schedule_buffers(prefix: str) -> dict:
     """The buffers LatentDiffusion / AbstractLowScaleModel register (LDM's "linear" β = linspace(√start, √end)²)."""
     betas = np.linspace(0.0001**0.5, 0.02**0.5, 1000, dtype=np.float64) ** 2
     ac = np.cumprod(1.0 - betas)
-    bufs = {"betas": betas, "alphas_cumprod": ac, "alphas_cumprod_prev": np.append(1.0, ac[:-1]),
-            "sqrt_alphas_cumprod": np.sqrt(ac), "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - ac),
-            "log_one_minus_alphas_cumprod": np.log(1.0 - ac), "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / ac),
-            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / ac - 1)}  # fmt: skip
+    bufs = {
+        "betas": betas,
+        "alphas_cumprod": ac,
+        "alphas_cumprod_prev": np.append(1.0, ac[:-1]),
+        "sqrt_alphas_cumprod": np.sqrt(ac),
+        "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - ac),
+        "log_one_minus_alphas_cumprod": np.log(1.0 - ac),
+        "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / ac),
+        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / ac - 1),
+    }
     return {prefix + k: torch.tensor(v, dtype=torch.float32) for k, v in bufs.items()}
 
 
@@ -66,9 +118,16 @@ def _original_checkpoint(path) -> dict:
     from latentgen.autoencoder import AutoencoderConfig
     from latentgen.unet import UNetConfig
 
-    cond_cfg = CondConfig(kind="open_clip", hidden_size=TEXT["width"], intermediate_size=4 * TEXT["width"],
-                          num_hidden_layers=TEXT["layers"], num_attention_heads=TEXT["heads"], hidden_act="gelu",
-                          layer="penultimate", pad_token_id=0)  # fmt: skip
+    cond_cfg = CondConfig(
+        kind="open_clip",
+        hidden_size=TEXT["width"],
+        intermediate_size=4 * TEXT["width"],
+        num_hidden_layers=TEXT["layers"],
+        num_attention_heads=TEXT["heads"],
+        hidden_act="gelu",
+        layer="penultimate",
+        pad_token_id=0,
+    )
     cfg = ModelConfig(UNetConfig.from_ldm_params(UNET), AutoencoderConfig.from_ldm_params(FIRST_STAGE), cond_cfg)
     unet, vae, cond = build_modules(cfg)
     for i, m in enumerate((unet, vae, cond)):
@@ -89,11 +148,20 @@ def _original_checkpoint(path) -> dict:
 
 def _diffusers_pipeline(ckpt: dict):
     """StableDiffusionUpscalePipeline from the original checkpoint by diffusers' own conversion."""
-    from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline,
-                           UNet2DConditionModel)  # fmt: skip
-    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
-        convert_open_clip_checkpoint, create_unet_diffusers_config_from_ldm,
-        create_vae_diffusers_config_from_ldm)  # fmt: skip
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DDPMScheduler,
+        StableDiffusionUpscalePipeline,
+        UNet2DConditionModel,
+    )
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+        create_unet_diffusers_config_from_ldm,
+        create_vae_diffusers_config_from_ldm,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     ucfg = create_unet_diffusers_config_from_ldm(LDM_CONFIG, ckpt)
@@ -104,9 +172,17 @@ def _diffusers_pipeline(ckpt: dict):
     vae = AutoencoderKL(**vcfg).eval()
     vae.load_state_dict(convert_ldm_vae_checkpoint(ckpt, vcfg), strict=True)
     width = TEXT["width"]
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=4 * width,
-                                        num_hidden_layers=TEXT["layers"] - 1, num_attention_heads=TEXT["heads"],
-                                        max_position_embeddings=77, hidden_act="gelu")).eval()  # fmt: skip
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=width,
+            intermediate_size=4 * width,
+            num_hidden_layers=TEXT["layers"] - 1,
+            num_attention_heads=TEXT["heads"],
+            max_position_embeddings=77,
+            hidden_act="gelu",
+        )
+    ).eval()
     sd = convert_open_clip_checkpoint(text, ckpt)
     own = text.state_dict().keys()
     if not any(k.startswith("text_model.") for k in own):  # transformers 5 dropped the nesting
@@ -115,11 +191,25 @@ def _diffusers_pipeline(ckpt: dict):
     assert all(last in k or "text_projection" in k for k in sd if k not in own)
     assert set(own) - set(sd) <= {k for k in own if "position_ids" in k}
     text.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
-    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02, steps_offset=1,
-                          clip_sample=False, set_alpha_to_one=False, prediction_type="v_prediction")  # fmt: skip
+    sched = DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.0001,
+        beta_end=0.02,
+        steps_offset=1,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        prediction_type="v_prediction",
+    )
     low = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02)
-    return StableDiffusionUpscalePipeline(vae=vae, text_encoder=text, tokenizer=_tokenizer(0), unet=unet,
-                                          low_res_scheduler=low, scheduler=sched, max_noise_level=350)  # fmt: skip
+    return StableDiffusionUpscalePipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=_tokenizer(0),
+        unet=unet,
+        low_res_scheduler=low,
+        scheduler=sched,
+        max_noise_level=350,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -185,8 +275,14 @@ def test_noise_augmentation_needs_class_labels(x4, tmp_path):
 
 
 def _scheduler(sampler):
-    kw = dict(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02, steps_offset=1,
-              prediction_type="v_prediction", timestep_spacing="leading")  # fmt: skip
+    kw = dict(
+        beta_schedule="scaled_linear",
+        beta_start=0.0001,
+        beta_end=0.02,
+        steps_offset=1,
+        prediction_type="v_prediction",
+        timestep_spacing="leading",
+    )
     if sampler == "ddim":
         return diffusers.DDIMScheduler(clip_sample=False, set_alpha_to_one=False, **kw)
     return diffusers.DPMSolverMultistepScheduler(use_karras_sigmas=True, **kw)
@@ -198,8 +294,14 @@ def test_superres_matches_diffusers_upscale_pipeline(x4, monkeypatch, sampler, k
     pipe.scheduler = _scheduler(sampler)
     bundle = load_model(str(x4[0]))
     low = _low_res()
-    kw = dict(prompt=PROMPTS, image=low, num_inference_steps=8, guidance_scale=cfg, noise_level=noise_level,
-              negative_prompt=[NEG] * 2)  # fmt: skip
+    kw = dict(
+        prompt=PROMPTS,
+        image=low,
+        num_inference_steps=8,
+        guidance_scale=cfg,
+        noise_level=noise_level,
+        negative_prompt=[NEG] * 2,
+    )
     with torch.no_grad():
         ref_z = pipe(**kw, generator=_gens(SEEDS), output_type="latent").images
         ref = pipe(**kw, generator=_gens(SEEDS), output_type="np").images
@@ -240,8 +342,9 @@ def test_diffusers_folder_and_latentgen_file_load_the_same_model(x4, tmp_path):
 
 
 def test_noise_level_is_checked(x4, tmp_path):
-    from latentgen.errors import ConfigError, InputError
     from tiny_models import random_model
+
+    from latentgen.errors import ConfigError, InputError
 
     bundle = load_model(str(x4[0]))
     st = Settings(steps=1, sampler="euler")
@@ -282,8 +385,25 @@ def test_cli_superres_x4(x4, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     low = _png("low.png", 16)
-    r = _cli("superres", low, "--model", x4[0], "-p", "a boat", "--negative", NEG, "--steps", 2, "--seed", 5,
-             "--dtype", "fp32", "--out", "up.png", "--json")  # fmt: skip
+    r = _cli(
+        "superres",
+        low,
+        "--model",
+        x4[0],
+        "-p",
+        "a boat",
+        "--negative",
+        NEG,
+        "--steps",
+        2,
+        "--seed",
+        5,
+        "--dtype",
+        "fp32",
+        "--out",
+        "up.png",
+        "--json",
+    )
     assert r.exit_code == 0, (r.stdout, r.stderr)
     rec = json.loads(r.stdout)
     assert (rec["noise_level"], rec["cfg"], rec["prompt"], rec["negative"]) == (20, 9.0, "a boat", NEG)

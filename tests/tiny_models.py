@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
 from helpers_models import randomize_
+
 from latentgen.autoencoder import AutoencoderConfig
 from latentgen.checkpoint import build_modules, load_model, save_model
 from latentgen.conditioning import CondConfig
@@ -25,14 +25,23 @@ KINDS = ("sd1", "class", "uncond", "sr", "inpaint")
 def tiny_first_stage(kind: str = "kl") -> AutoencoderConfig:
     """f=2 KL (or VQ) autoencoder, 4 latent channels."""
     extra = {"n_embed": 16, "double_z": False} if kind == "vq" else {}
-    return AutoencoderConfig(kind=kind, embed_dim=LATENT, z_channels=LATENT, ch=32, ch_mult=(1, 2),
-                             num_res_blocks=1, resolution=32, **extra)  # fmt: skip
+    return AutoencoderConfig(
+        kind=kind, embed_dim=LATENT, z_channels=LATENT, ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=32, **extra
+    )
 
 
 def tiny_unet(in_channels: int = LATENT, context_dim: int | None = None) -> UNetConfig:
-    return UNetConfig(in_channels=in_channels, out_channels=LATENT, model_channels=32, attention_resolutions=(2,),
-                      num_res_blocks=1, channel_mult=(1, 2), num_heads=2,
-                      use_spatial_transformer=context_dim is not None, context_dim=context_dim)  # fmt: skip
+    return UNetConfig(
+        in_channels=in_channels,
+        out_channels=LATENT,
+        model_channels=32,
+        attention_resolutions=(2,),
+        num_res_blocks=1,
+        channel_mult=(1, 2),
+        num_heads=2,
+        use_spatial_transformer=context_dim is not None,
+        context_dim=context_dim,
+    )
 
 
 def tiny_clip() -> CondConfig:
@@ -50,11 +59,24 @@ def tiny_config(kind: str) -> ModelConfig:
     if kind == "uncond":
         return ModelConfig(tiny_unet(), fs, CondConfig(kind="none"), conditioning_key="none", name="tiny-uncond")
     if kind == "sr":
-        return ModelConfig(tiny_unet(in_channels=LATENT + 3), fs, CondConfig(kind="none"), conditioning_key="concat",
-                           concat="lowres", name="tiny-sr")  # fmt: skip
+        return ModelConfig(
+            tiny_unet(in_channels=LATENT + 3),
+            fs,
+            CondConfig(kind="none"),
+            conditioning_key="concat",
+            concat="lowres",
+            name="tiny-sr",
+        )
     if kind == "inpaint":
-        return ModelConfig(tiny_unet(in_channels=2 * LATENT + 1, context_dim=32), fs, tiny_clip(), family="sd1",
-                           conditioning_key="hybrid", concat="inpaint", name="tiny-inpaint")  # fmt: skip
+        return ModelConfig(
+            tiny_unet(in_channels=2 * LATENT + 1, context_dim=32),
+            fs,
+            tiny_clip(),
+            family="sd1",
+            conditioning_key="hybrid",
+            concat="inpaint",
+            name="tiny-inpaint",
+        )
     raise ValueError(f"unknown tiny model kind {kind!r}; use one of {KINDS}")
 
 
@@ -72,8 +94,11 @@ def random_model(kind: str, path: str | Path, seed: int = 0, recommended: dict |
 
 def sd1_from_fixture(fixtures_dir: Path, fixture_config, path: str | Path, recommended: dict | None = None) -> Path:
     """The sd1-tiny fixture (made by the original code) re-saved in latentgen format."""
-    b = load_model(str(fixtures_dir / "sd1-tiny.safetensors"), config=fixture_config("sd1-tiny"),
-                   overrides={"cond": {"num_attention_heads": 4}})  # fmt: skip
+    b = load_model(
+        str(fixtures_dir / "sd1-tiny.safetensors"),
+        config=fixture_config("sd1-tiny"),
+        overrides={"cond": {"num_attention_heads": 4}},
+    )
     b.config.recommended = dict(recommended or {"steps": 2, "width": 16, "height": 16})
     b.config.name = "sd1-tiny"
     save_model(path, b.config, b.unet, b.first_stage, b.cond)

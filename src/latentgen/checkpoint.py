@@ -22,8 +22,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import (BUILTIN_PREFIX, PREDICTIONS, ModelConfig, ldm_params, low_scale_from_ldm, resolve_model,
-                     schedule_from_ldm)  # fmt: skip
+from .config import (
+    BUILTIN_PREFIX,
+    PREDICTIONS,
+    ModelConfig,
+    ldm_params,
+    low_scale_from_ldm,
+    resolve_model,
+    schedule_from_ldm,
+)
 from .errors import CheckpointError, ConfigError
 
 UNET_PREFIX = "model.diffusion_model."
@@ -32,10 +39,19 @@ COND_PREFIX = "cond_stage_model."
 FORMAT_TAG = "latentgen/1"
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 SCHEDULE_BUFFERS = {
-    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-}  # fmt: skip
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+}
 # Keys that original checkpoints carry and inference does not use: schedule buffers (read, not loaded),
 # training-only loss weights, EMA copies (used only with ema=True), the autoencoder's training losses,
 # the SD x4 upscaler's low-res noising schedule.
@@ -89,9 +105,18 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, meta
 
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}  # fmt: skip
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def read_converted(path: str | Path, keys, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -134,7 +159,9 @@ def load_strict(module: nn.Module, sd: dict, *, what: str, source: str, ignore: 
     sd = {k: v for k, v in sd.items() if not any(re.fullmatch(p, k) for p in ignore)}
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    shaped = [f"{k} {tuple(sd[k].shape)} != {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    shaped = [
+        f"{k} {tuple(sd[k].shape)} != {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape
+    ]
     problems = []
     for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shaped)):
         if keys:
@@ -155,14 +182,24 @@ def _diffusers_unet_to_original(sd: dict, cfg: dict) -> dict:
         int(m.group(1)) for k in sd if (m := re.match(r"down_blocks\.\d+\.resnets\.(\d+)\.", k))
     )
     fixed = {
-        "conv_in.": "input_blocks.0.0.", "time_embedding.linear_1.": "time_embed.0.",
-        "time_embedding.linear_2.": "time_embed.2.", "class_embedding.": "label_emb.",
-        "conv_norm_out.": "out.0.", "conv_out.": "out.2.",
-        "mid_block.resnets.0.": "middle_block.0.", "mid_block.attentions.0.": "middle_block.1.",
+        "conv_in.": "input_blocks.0.0.",
+        "time_embedding.linear_1.": "time_embed.0.",
+        "time_embedding.linear_2.": "time_embed.2.",
+        "class_embedding.": "label_emb.",
+        "conv_norm_out.": "out.0.",
+        "conv_out.": "out.2.",
+        "mid_block.resnets.0.": "middle_block.0.",
+        "mid_block.attentions.0.": "middle_block.1.",
         "mid_block.resnets.1.": "middle_block.2.",
-    }  # fmt: skip
-    resnet = {"norm1.": "in_layers.0.", "conv1.": "in_layers.2.", "time_emb_proj.": "emb_layers.1.",
-              "norm2.": "out_layers.0.", "conv2.": "out_layers.3.", "conv_shortcut.": "skip_connection."}  # fmt: skip
+    }
+    resnet = {
+        "norm1.": "in_layers.0.",
+        "conv1.": "in_layers.2.",
+        "time_emb_proj.": "emb_layers.1.",
+        "norm2.": "out_layers.0.",
+        "conv2.": "out_layers.3.",
+        "conv_shortcut.": "skip_connection.",
+    }
     up_has_attn = {int(m.group(1)) for k in sd if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
     out = {}
     for key, value in sd.items():
@@ -192,8 +229,17 @@ def _diffusers_unet_to_original(sd: dict, cfg: dict) -> dict:
 def _diffusers_vae_to_original(sd: dict, n_levels: int) -> dict:
     """diffusers AutoencoderKL / VQModel names → CompVis Encoder/Decoder names."""
     out = {}
-    attn = {"group_norm.": "norm.", "to_q.": "q.", "to_k.": "k.", "to_v.": "v.", "to_out.0.": "proj_out.",
-            "query.": "q.", "key.": "k.", "value.": "v.", "proj_attn.": "proj_out."}  # fmt: skip
+    attn = {
+        "group_norm.": "norm.",
+        "to_q.": "q.",
+        "to_k.": "k.",
+        "to_v.": "v.",
+        "to_out.0.": "proj_out.",
+        "query.": "q.",
+        "key.": "k.",
+        "value.": "v.",
+        "proj_attn.": "proj_out.",
+    }
     for key, value in sd.items():
         new = key
         new = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", new)
@@ -236,8 +282,12 @@ def _read_json(path: Path) -> dict:
 def read_diffusers_folder(folder: Path) -> tuple[dict, dict]:
     """A diffusers model folder → (original-layout state dict, hints for detection)."""
     sd, hints = {}, {}
-    parts = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "vqvae": "diffusion_pytorch_model",
-             "text_encoder": "model"}  # fmt: skip
+    parts = {
+        "unet": "diffusion_pytorch_model",
+        "vae": "diffusion_pytorch_model",
+        "vqvae": "diffusion_pytorch_model",
+        "text_encoder": "model",
+    }
     for sub, stem in parts.items():
         d = folder / sub
         if not d.is_dir():
@@ -264,8 +314,11 @@ def read_diffusers_folder(folder: Path) -> tuple[dict, dict]:
             hints["text_encoder"] = cfg
     if "unet" not in hints:
         raise CheckpointError(f"{folder}: not a diffusers model folder (no unet/ with safetensors weights)")
-    for name, rel in (("scheduler", "scheduler/scheduler_config.json"), ("model_index", "model_index.json"),
-                      ("low_res_scheduler", "low_res_scheduler/scheduler_config.json")):  # the x4 upscaler's
+    for name, rel in (
+        ("scheduler", "scheduler/scheduler_config.json"),
+        ("model_index", "model_index.json"),
+        ("low_res_scheduler", "low_res_scheduler/scheduler_config.json"),
+    ):  # the x4 upscaler's
         if (folder / rel).is_file():
             hints[name] = _read_json(folder / rel)
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
@@ -397,13 +450,21 @@ def detect_config(raw: RawCheckpoint, *, ldm_config: dict | None = None, overrid
     if aug:
         _check_noise_augmentation(raw.path, aug, unet_cfg, concat)
     has_context = cond_cfg.kind != "none"
-    key = sched.get("conditioning_key") or ("hybrid-adm" if aug else None) or (
-        ("hybrid" if has_context else "concat") if concat else ("crossattn" if has_context else "none")
+    key = (
+        sched.get("conditioning_key")
+        or ("hybrid-adm" if aug else None)
+        or (("hybrid" if has_context else "concat") if concat else ("crossattn" if has_context else "none"))
     )
     cfg = ModelConfig(
-        unet=unet_cfg, first_stage=fs_cfg, cond=cond_cfg, family=family, conditioning_key=key, concat=concat,
-        scale_factor=0.18215 if fs_cfg.kind == "kl" else 1.0, **aug,
-    )  # fmt: skip
+        unet=unet_cfg,
+        first_stage=fs_cfg,
+        cond=cond_cfg,
+        family=family,
+        conditioning_key=key,
+        concat=concat,
+        scale_factor=0.18215 if fs_cfg.kind == "kl" else 1.0,
+        **aug,
+    )
     if aug:
         for k, v in X4_UPSCALER.items():
             setattr(cfg, k, v)
@@ -443,11 +504,13 @@ def _noise_augmentation(raw: RawCheckpoint, params: dict | None) -> dict:
     low = raw.hints.get("low_res_scheduler")
     if low:
         index = raw.hints.get("model_index") or {}
-        return {"max_noise_level": int(index.get("max_noise_level", X4_MAX_NOISE_LEVEL)),
-                "low_scale_beta_schedule": low.get("beta_schedule", "scaled_linear"),
-                "low_scale_timesteps": int(low.get("num_train_timesteps", 1000)),
-                "low_scale_linear_start": float(low.get("beta_start", 1e-4)),
-                "low_scale_linear_end": float(low.get("beta_end", 2e-2))}  # fmt: skip
+        return {
+            "max_noise_level": int(index.get("max_noise_level", X4_MAX_NOISE_LEVEL)),
+            "low_scale_beta_schedule": low.get("beta_schedule", "scaled_linear"),
+            "low_scale_timesteps": int(low.get("num_train_timesteps", 1000)),
+            "low_scale_linear_start": float(low.get("beta_start", 1e-4)),
+            "low_scale_linear_end": float(low.get("beta_end", 2e-2)),
+        }
     if any(k.startswith(LOW_SCALE_PREFIX) for k in raw.tensors):
         return {"max_noise_level": X4_MAX_NOISE_LEVEL}
     return {}
@@ -528,8 +591,19 @@ def empty_weights():
             setattr(nn.init, name, init)
 
 
-_INITS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "xavier_uniform_", "xavier_normal_",
-          "kaiming_uniform_", "kaiming_normal_", "orthogonal_")
+_INITS = (
+    "uniform_",
+    "normal_",
+    "trunc_normal_",
+    "constant_",
+    "ones_",
+    "zeros_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "orthogonal_",
+)
 
 
 def build_modules(cfg: ModelConfig):
@@ -550,8 +624,9 @@ def _discrete_schedule(ac, beta_schedule: str, timesteps: int, linear_start: flo
 
 
 def make_schedule(cfg: ModelConfig, tensors: dict | None = None):
-    return _discrete_schedule((tensors or {}).get("alphas_cumprod"), cfg.beta_schedule, cfg.timesteps,
-                              cfg.linear_start, cfg.linear_end)  # fmt: skip
+    return _discrete_schedule(
+        (tensors or {}).get("alphas_cumprod"), cfg.beta_schedule, cfg.timesteps, cfg.linear_start, cfg.linear_end
+    )
 
 
 def make_low_scale_schedule(cfg: ModelConfig, tensors: dict | None = None):
@@ -559,8 +634,9 @@ def make_low_scale_schedule(cfg: ModelConfig, tensors: dict | None = None):
     if cfg.max_noise_level is None:
         return None
     ac = (tensors or {}).get(LOW_SCALE_PREFIX + "alphas_cumprod")
-    return _discrete_schedule(ac, cfg.low_scale_beta_schedule, cfg.low_scale_timesteps, cfg.low_scale_linear_start,
-                              cfg.low_scale_linear_end)  # fmt: skip
+    return _discrete_schedule(
+        ac, cfg.low_scale_beta_schedule, cfg.low_scale_timesteps, cfg.low_scale_linear_start, cfg.low_scale_linear_end
+    )
 
 
 def load_model(
@@ -578,8 +654,17 @@ def load_model(
     `low_memory`: see :func:`bundle_from_raw`."""
     path, entry = resolve_model(model)
     raw = read_checkpoint(path)
-    return bundle_from_raw(raw, entry=entry, prediction=prediction, config=config, overrides=overrides, ema=ema,
-                           device=device, dtype=dtype, low_memory=low_memory)  # fmt: skip
+    return bundle_from_raw(
+        raw,
+        entry=entry,
+        prediction=prediction,
+        config=config,
+        overrides=overrides,
+        ema=ema,
+        device=device,
+        dtype=dtype,
+        low_memory=low_memory,
+    )
 
 
 def bundle_from_raw(
@@ -626,8 +711,10 @@ def bundle_from_raw(
         cfg.prediction, cfg.prediction_source = prediction, source
     notes = []
     if cfg.prediction_source == "guess":
-        notes.append(f"prediction type guessed as '{cfg.prediction}' (SD 2.x eps and v files look alike): "
-                     "pass --prediction eps|v if images look wrong")  # fmt: skip
+        notes.append(
+            f"prediction type guessed as '{cfg.prediction}' (SD 2.x eps and v files look alike): "
+            "pass --prediction eps|v if images look wrong"
+        )
 
     sd = raw.tensors
     cpu_file = dtype == torch.float32 and torch.device(device).type == "cpu" and raw.format != "diffusers"
@@ -639,8 +726,15 @@ def bundle_from_raw(
     # with full weights too, the text and image encoders (run once per prompt or image) keep theirs as stored
     keep = (COND_PREFIX, FIRST_STAGE_PREFIX + "encoder.", FIRST_STAGE_PREFIX + "quant_conv.") if cpu_file else ()
     if dtype is not None and not low_memory:  # weights exist once in memory, in the asked dtype
-        todo = [k for k, v in sd.items() if v.is_floating_point() and v.dtype != dtype and not k.startswith(keep)
-                and k not in SCHEDULE_BUFFERS and not k.startswith(LOW_SCALE_PREFIX)]  # fmt: skip
+        todo = [
+            k
+            for k, v in sd.items()
+            if v.is_floating_point()
+            and v.dtype != dtype
+            and not k.startswith(keep)
+            and k not in SCHEDULE_BUFFERS
+            and not k.startswith(LOW_SCALE_PREFIX)
+        ]
         if raw.format != "diffusers" and Path(raw.path).is_file():
             sd.update(read_converted(raw.path, todo, dtype))
         else:  # a diffusers folder: its tensors were renamed and stacked from several files
@@ -650,10 +744,12 @@ def bundle_from_raw(
     if ema:
         unet_sd = _ema_unet(sd, unet_sd, path)
     stray = [
-        k for k in sd
-        if not k.startswith((UNET_PREFIX, FIRST_STAGE_PREFIX, COND_PREFIX)) and k not in IGNORED_KEYS
+        k
+        for k in sd
+        if not k.startswith((UNET_PREFIX, FIRST_STAGE_PREFIX, COND_PREFIX))
+        and k not in IGNORED_KEYS
         and not k.startswith(IGNORED_PREFIXES)
-    ]  # fmt: skip
+    ]
     if stray:
         more = f" (+{len(stray) - 4} more)" if len(stray) > 4 else ""
         raise CheckpointError(f"{path}: unexpected keys outside the model: {', '.join(stray[:4])}{more}")
@@ -665,8 +761,9 @@ def bundle_from_raw(
         cond.load_original_state_dict(cond_sd)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: conditioning (cond_stage_model.*): {e}") from e
-    bundle = ModelBundle(cfg, unet, first_stage, cond, make_schedule(cfg, sd), path, raw.format, notes,
-                         make_low_scale_schedule(cfg, sd))  # fmt: skip
+    bundle = ModelBundle(
+        cfg, unet, first_stage, cond, make_schedule(cfg, sd), path, raw.format, notes, make_low_scale_schedule(cfg, sd)
+    )
     for m in (unet, first_stage, cond):
         m.eval().requires_grad_(False)
     if cpu_file:  # weights not converted as they were read are upcast as their layers run
@@ -729,10 +826,25 @@ class PackedConv2d(nn.Conv2d):
         if "weight" in self._parameters:  # first call: the dense weight gives way to the packed one
             w = self._parameters.pop("weight").detach()
             self.packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                w.contiguous().to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
-                list(x.shape))  # fmt: skip
-        return torch.ops.mkldnn._convolution_pointwise(x, self.packed, self.bias, list(self.padding), list(self.stride),
-                                                       list(self.dilation), self.groups, "none", [], "")  # fmt: skip
+                w.contiguous().to_mkldnn(),
+                list(self.padding),
+                list(self.stride),
+                list(self.dilation),
+                self.groups,
+                list(x.shape),
+            )
+        return torch.ops.mkldnn._convolution_pointwise(
+            x,
+            self.packed,
+            self.bias,
+            list(self.padding),
+            list(self.stride),
+            list(self.dilation),
+            self.groups,
+            "none",
+            [],
+            "",
+        )
 
     @property
     def weight(self) -> torch.Tensor:
@@ -751,7 +863,7 @@ def _packing_works() -> bool:
         conv = PackedConv2d(1, 1, 1).requires_grad_(False)
         with torch.no_grad():
             return bool(conv(torch.ones(1, 1, 2, 2)).shape == (1, 1, 2, 2))
-    except Exception:  # noqa: BLE001 - any failure means: keep plain convolutions
+    except Exception:
         return False
 
 
@@ -761,14 +873,27 @@ def prepack_convs(module: nn.Module) -> nn.Module:
     if not _packing_works():
         return module
     for m in module.modules():
-        if (type(m) is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str)
-                and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"):  # fmt: skip
+        if (
+            type(m) is nn.Conv2d
+            and m.padding_mode == "zeros"
+            and not isinstance(m.padding, str)
+            and m.weight.dtype == torch.float32
+            and m.weight.device.type == "cpu"
+        ):
             m.__class__ = PackedConv2d
     return module
 
 
-def save_model(path: str | Path, cfg: ModelConfig, unet: nn.Module, first_stage: nn.Module, cond: nn.Module,
-               *, metadata: dict | None = None, overwrite: bool = True) -> None:  # fmt: skip
+def save_model(
+    path: str | Path,
+    cfg: ModelConfig,
+    unet: nn.Module,
+    first_stage: nn.Module,
+    cond: nn.Module,
+    *,
+    metadata: dict | None = None,
+    overwrite: bool = True,
+) -> None:
     """latentgen's own format: the original single-file layout + the ModelConfig as JSON metadata."""
     tensors = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
     tensors.update({FIRST_STAGE_PREFIX + k: v for k, v in first_stage.state_dict().items()})
@@ -812,8 +937,12 @@ def describe(bundle: ModelBundle) -> dict:
             "first_stage": count_params(bundle.first_stage),
             "cond": count_params(bundle.cond),
         },
-        "schedule": {"beta_schedule": cfg.beta_schedule, "timesteps": cfg.timesteps,
-                     "linear_start": cfg.linear_start, "linear_end": cfg.linear_end},  # fmt: skip
+        "schedule": {
+            "beta_schedule": cfg.beta_schedule,
+            "timesteps": cfg.timesteps,
+            "linear_start": cfg.linear_start,
+            "linear_end": cfg.linear_end,
+        },
         "recommended": cfg.recommended,
         "notes": bundle.notes,
     }
@@ -841,21 +970,31 @@ class FirstStage:
         return (self.module.decode_latent(z / self.scale_factor).float() / 2 + 0.5).clamp(0, 1)
 
     def latent_metadata(self, shape) -> dict:
-        return {"format": "latentgen-latent/1", "model": self.name, "first_stage": self.cfg.kind,
-                "scale_factor": repr(self.scale_factor), "shape": json.dumps(list(shape)),
-                "latent_channels": str(self.cfg.embed_dim), "factor": str(self.factor),
-                "fingerprint": self.fingerprint}  # fmt: skip
+        return {
+            "format": "latentgen-latent/1",
+            "model": self.name,
+            "first_stage": self.cfg.kind,
+            "scale_factor": repr(self.scale_factor),
+            "shape": json.dumps(list(shape)),
+            "latent_channels": str(self.cfg.embed_dim),
+            "factor": str(self.factor),
+            "fingerprint": self.fingerprint,
+        }
 
     def check_latent(self, z, meta: dict, source: str) -> None:
         from .errors import InputError
 
         if z.ndim != 4 or z.shape[1] != self.cfg.embed_dim:
-            raise InputError(f"{source}: latent of shape {tuple(z.shape)} does not fit model {self.name}, whose first "
-                             f"stage takes [N, {self.cfg.embed_dim}, H, W] latents")  # fmt: skip
+            raise InputError(
+                f"{source}: latent of shape {tuple(z.shape)} does not fit model {self.name}, whose first "
+                f"stage takes [N, {self.cfg.embed_dim}, H, W] latents"
+            )
         fp = meta.get("fingerprint")
         if fp and fp != self.fingerprint:
-            raise InputError(f"{source}: latent was made by another first stage (model {meta.get('model', '?')}); "
-                             f"decode it with that model (--model) instead of {self.name}")  # fmt: skip
+            raise InputError(
+                f"{source}: latent was made by another first stage (model {meta.get('model', '?')}); "
+                f"decode it with that model (--model) instead of {self.name}"
+            )
 
 
 def load_first_stage(model: str | None, *, device="cpu") -> FirstStage:

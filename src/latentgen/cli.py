@@ -125,9 +125,18 @@ def models(as_json: bool = typer.Option(False, "--json", help="One JSON object p
     reg = load_registry()
     for name, entry in sorted(reg["models"].items()):
         path = str(entry.get("path", ""))
-        target = builtin_dir() / (path[len(BUILTIN_PREFIX) :] + ".safetensors") if path.startswith(BUILTIN_PREFIX) else Path(path)
-        rec = {"name": name, "path": path, "present": target.exists(), "default": name == reg["default"],
-               "description": entry.get("description", "")}  # fmt: skip
+        target = (
+            builtin_dir() / (path[len(BUILTIN_PREFIX) :] + ".safetensors")
+            if path.startswith(BUILTIN_PREFIX)
+            else Path(path)
+        )
+        rec = {
+            "name": name,
+            "path": path,
+            "present": target.exists(),
+            "default": name == reg["default"],
+            "description": entry.get("description", ""),
+        }
         if as_json:
             print(json.dumps(rec))
         else:
@@ -136,16 +145,37 @@ def models(as_json: bool = typer.Option(False, "--json", help="One JSON object p
             print(f"{mark} {name:<20} {state:<8} {path}  {rec['description']}")
 
 
-
 # ------------------------------------------------------------------------------------------- generation
 
-SAMPLER_LABELS = {"ddim": "DDIM", "plms": "PLMS", "euler": "Euler", "euler_a": "Euler a", "heun": "Heun",
-                  "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE", "ddpm": "DDPM"}  # fmt: skip
+SAMPLER_LABELS = {
+    "ddim": "DDIM",
+    "plms": "PLMS",
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "heun": "Heun",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "ddpm": "DDPM",
+}
 DEFAULTS = {"steps": 25, "sampler": "dpmpp_2m", "karras": True, "spacing": "leading", "cfg": 7.5, "eta": 0.0}
-ITEM_KEYS = {"prompt", "negative", "seed", "out", "steps", "cfg", "sampler", "width", "height", "num", "strength",
-             "class"}  # fmt: skip
+ITEM_KEYS = {
+    "prompt",
+    "negative",
+    "seed",
+    "out",
+    "steps",
+    "cfg",
+    "sampler",
+    "width",
+    "height",
+    "num",
+    "strength",
+    "class",
+}
 
-ModelOpt = typer.Option(None, "--model", "-m", help="Checkpoint file, diffusers folder or models.toml name (default: the registry default).")
+ModelOpt = typer.Option(
+    None, "--model", "-m", help="Checkpoint file, diffusers folder or models.toml name (default: the registry default)."
+)
 NegativeOpt = typer.Option(None, "--negative", "-n", help="Negative prompt (classifier-free guidance).")
 StepsOpt = typer.Option(None, "--steps", help="Sampling steps (default: the model's recommendation, else 25).")
 SamplerOpt = typer.Option(None, "--sampler", help="ddim, plms, euler, euler_a, heun, dpmpp_2m, dpmpp_2m_sde, ddpm.")
@@ -157,7 +187,12 @@ SeedOpt = typer.Option(None, "--seed", help="Seed S; image i uses S+i. Random wh
 NumOpt = typer.Option(1, "--num", help="Images per prompt.")
 WidthOpt = typer.Option(None, "--width", help="Image width in pixels (multiple of the model's factor).")
 HeightOpt = typer.Option(None, "--height", help="Image height in pixels.")
-OutOpt = typer.Option(None, "--out", "-o", help="Output path or pattern: {index}, {seed}, {prompt}, {i}, {model} (e.g. out/{index:05d}-{seed}.png).")
+OutOpt = typer.Option(
+    None,
+    "--out",
+    "-o",
+    help="Output path or pattern: {index}, {seed}, {prompt}, {i}, {model} (e.g. out/{index:05d}-{seed}.png).",
+)
 DtypeOpt = typer.Option("auto", "--dtype", help="auto, fp32, bf16 or fp16.")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or mps.")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON record per image instead of its path.")
@@ -165,10 +200,14 @@ OverwriteOpt = typer.Option(False, "--overwrite", help="Replace existing output 
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress or notes on stderr.")
 ClassOpt = typer.Option(None, "--class", help="Class label for class-conditional models.")
 EmaOpt = typer.Option(False, "--ema", help="Use the checkpoint's EMA weights (model_ema.*).")
-LowMemOpt = typer.Option(None, "--low-memory/--full-weights", show_default=False,
-                         help="CPU, fp32: keep an fp16/bf16 file's weights as stored and upcast each layer's as it "
-                         "runs (about half the memory, about 10% slower), or upcast them all at load. Default: full "
-                         "weights when they take under a third of the available memory.")  # fmt: skip
+LowMemOpt = typer.Option(
+    None,
+    "--low-memory/--full-weights",
+    show_default=False,
+    help="CPU, fp32: keep an fp16/bf16 file's weights as stored and upcast each layer's as it "
+    "runs (about half the memory, about 10% slower), or upcast them all at load. Default: full "
+    "weights when they take under a third of the available memory.",
+)
 
 
 def pick_device(device: str) -> str:
@@ -198,8 +237,14 @@ def cpu_has_native_bf16() -> bool:
 def pick_dtype(dtype: str, device: str):
     import torch
 
-    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp16": torch.float16, "float16": torch.float16}  # fmt: skip
+    table = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+    }
     if dtype == "auto":
         if device.startswith("cuda"):
             return torch.float16
@@ -214,8 +259,21 @@ def pick_dtype(dtype: str, device: str):
 class Session:
     """One generation command: the model (loaded once), defaults, the output protocol and the exit code."""
 
-    def __init__(self, task: str, model, prediction, config, dtype, device, quiet, as_json, overwrite, out, ema=False,
-                 low_memory=None):  # fmt: skip
+    def __init__(
+        self,
+        task: str,
+        model,
+        prediction,
+        config,
+        dtype,
+        device,
+        quiet,
+        as_json,
+        overwrite,
+        out,
+        ema=False,
+        low_memory=None,
+    ):
         import torch
 
         from .checkpoint import load_model, prepack_convs
@@ -234,13 +292,22 @@ class Session:
             if not dist.is_initialized():
                 dist.init_process_group("gloo")
         try:
-            self.bundle = load_model(model, prediction=prediction, config=config, ema=ema, device=self.device,
-                                     dtype=self.dtype, low_memory=low_memory)  # fmt: skip
+            self.bundle = load_model(
+                model,
+                prediction=prediction,
+                config=config,
+                ema=ema,
+                device=self.device,
+                dtype=self.dtype,
+                low_memory=low_memory,
+            )
         except CheckpointError as e:
             if model is not None:
                 raise
-            raise CheckpointError(f"default model unavailable ({e}): pass --model NAME|PATH "
-                                  "(python scripts/make_tiny_model.py tiny.safetensors makes a test model)") from e
+            raise CheckpointError(
+                f"default model unavailable ({e}): pass --model NAME|PATH "
+                "(python scripts/make_tiny_model.py tiny.safetensors makes a test model)"
+            ) from e
         for n in self.bundle.notes:
             note(n, quiet)
         if self.device == "cpu" and self.dtype == torch.float32:  # generation only: never for training
@@ -267,9 +334,15 @@ class Session:
         rec = {**DEFAULTS, **self.bundle.config.recommended, **(recipe or {})}
         given = {"steps": steps, "sampler": sampler, "karras": karras, "spacing": spacing, "cfg": cfg, "eta": eta}
         vals = {k: (v if v is not None else rec.get(k, DEFAULTS.get(k))) for k, v in given.items()}
-        st = Settings(steps=int(vals["steps"]), sampler=str(vals["sampler"]), karras=bool(vals["karras"]),
-                      spacing=str(vals["spacing"]), cfg=float(vals["cfg"]), eta=float(vals["eta"] or 0.0),
-                      strength=float(strength))  # fmt: skip
+        st = Settings(
+            steps=int(vals["steps"]),
+            sampler=str(vals["sampler"]),
+            karras=bool(vals["karras"]),
+            spacing=str(vals["spacing"]),
+            cfg=float(vals["cfg"]),
+            eta=float(vals["eta"] or 0.0),
+            strength=float(strength),
+        )
         st.check()
         return st
 
@@ -288,7 +361,9 @@ class Session:
         try:
             return pattern.format(index=index, seed=seed, prompt=slugify(prompt), i=i, model=self.bundle.config.name)
         except (KeyError, IndexError, ValueError) as e:
-            raise ConfigError(f"--out pattern '{pattern}' is invalid ({e}); fields: index, seed, prompt, i, model") from e
+            raise ConfigError(
+                f"--out pattern '{pattern}' is invalid ({e}); fields: index, seed, prompt, i, model"
+            ) from e
 
     def read_items(self, prompt: Optional[str]) -> list[dict]:
         """The batch; under torchrun rank 0 reads stdin and sends the items to every rank."""
@@ -306,8 +381,10 @@ class Session:
         if total == 0 or has_fields(self.out):
             return
         if total > 1:
-            raise ConfigError(f"--out {self.out} names one file but {total} images are made: add a field, "
-                              "e.g. --out 'out/{index:05d}-{seed}.png'")  # fmt: skip
+            raise ConfigError(
+                f"--out {self.out} names one file but {total} images are made: add a field, "
+                "e.g. --out 'out/{index:05d}-{seed}.png'"
+            )
         if not self.overwrite and Path(self.out).exists():
             raise InputError(f"{self.out} exists: pass --overwrite to replace it")
 
@@ -334,7 +411,7 @@ class Session:
             dist.all_gather_object(gathered, self.records)
             self.records = []
             if self.rank == 0:
-                for rec in sorted((r for part in gathered for r in part), key=lambda r: (r.get("index", 0))):
+                for rec in sorted((r for part in gathered for r in part), key=lambda r: r.get("index", 0)):
                     self._print(rec)
             else:
                 self.failed = sum(1 for part in gathered for r in part if "error" in r)
@@ -374,7 +451,9 @@ def check_out_pattern(pattern: str, overwrite: bool) -> None:
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        raise InputError(f"--out {pattern}: cannot write to directory {parent} ({e.strerror}); choose another --out") from e
+        raise InputError(
+            f"--out {pattern}: cannot write to directory {parent} ({e.strerror}); choose another --out"
+        ) from e
 
 
 def int_env(name: str, default: int) -> int:
@@ -397,10 +476,18 @@ class Progress:
         if quiet or not (sys.stderr.isatty() or os.environ.get("LATENTGEN_PROGRESS") == "1"):
             return
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RP, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+        from rich.progress import Progress as RP
 
-        self.bar = RP(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), SpeedColumn(),
-                      TimeRemainingColumn(), console=Console(stderr=True), transient=True)  # fmt: skip
+        self.bar = RP(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            SpeedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
         self.task = self.bar.add_task(label, total=total)
         self.bar.start()
 
@@ -434,9 +521,15 @@ def png_text(meta: dict) -> dict[str, str]:
     lines = [meta.get("prompt", "")]
     if meta.get("negative"):
         lines.append(f"Negative prompt: {meta['negative']}")
-    fields = [f"Steps: {meta['steps']}", f"Sampler: {sampler}", f"CFG scale: {meta['cfg']}", f"Seed: {meta['seed']}",
-              f"Size: {meta['width']}x{meta['height']}", f"Model hash: {meta.get('model_hash', '')}",
-              f"Model: {meta.get('model', '')}"]  # fmt: skip
+    fields = [
+        f"Steps: {meta['steps']}",
+        f"Sampler: {sampler}",
+        f"CFG scale: {meta['cfg']}",
+        f"Seed: {meta['seed']}",
+        f"Size: {meta['width']}x{meta['height']}",
+        f"Model hash: {meta.get('model_hash', '')}",
+        f"Model: {meta.get('model', '')}",
+    ]
     if meta.get("strength") is not None and meta["task"] != "txt2img":
         fields.append(f"Denoising strength: {meta['strength']}")
     lines.append(", ".join(fields))
@@ -503,9 +596,17 @@ def run_generation(sess: Session, items: list[dict], seed: int, num: int, make, 
             continue
         dt = (time.perf_counter() - t0) / max(n, 1)
         for i, (img, s) in enumerate(zip(images, seeds)):
-            rec = {"index": first + i, "item": k, **meta, "seed": s, "model": sess.bundle.config.name,
-                   "model_hash": sess.model_hash, "dtype": str(sess.dtype).replace("torch.", ""),
-                   "device": sess.device, **task_meta}  # fmt: skip
+            rec = {
+                "index": first + i,
+                "item": k,
+                **meta,
+                "seed": s,
+                "model": sess.bundle.config.name,
+                "model_hash": sess.model_hash,
+                "dtype": str(sess.dtype).replace("torch.", ""),
+                "device": sess.device,
+                **task_meta,
+            }
             try:
                 path = sess.path_for(item.get("out") or sess.out, index=first + i, seed=s, prompt=label, i=i)
                 if n > 1 and "out" in item and "{" not in item["out"]:
@@ -532,21 +633,41 @@ def _recipe(path: Optional[str]) -> dict:
 
 def _recipe_run(rec: dict, seed, model, dtype: str, prediction, ema: bool) -> tuple:
     """Seed, model, dtype, prediction and EMA of a recipe, where the command line leaves them unset."""
-    return (rec.get("seed") if seed is None else seed, model or rec.get("model_path") or rec.get("model"),
-            rec.get("dtype", dtype) if dtype == "auto" else dtype, prediction or rec.get("prediction"),
-            ema or bool(rec.get("ema")))  # fmt: skip
+    return (
+        rec.get("seed") if seed is None else seed,
+        model or rec.get("model_path") or rec.get("model"),
+        rec.get("dtype", dtype) if dtype == "auto" else dtype,
+        prediction or rec.get("prediction"),
+        ema or bool(rec.get("ema")),
+    )
 
 
 @command()
 def txt2img(
     prompt: Optional[str] = typer.Argument(None, help="The prompt, or - to read prompts / JSON lines from stdin."),
-    negative: Optional[str] = NegativeOpt, model: Optional[str] = ModelOpt, steps: Optional[int] = StepsOpt,
-    sampler: Optional[str] = SamplerOpt, karras: Optional[bool] = KarrasOpt, spacing: Optional[str] = SpacingOpt,
-    cfg: Optional[float] = CfgOpt, eta: Optional[float] = EtaOpt, seed: Optional[int] = SeedOpt, num: int = NumOpt,
-    width: Optional[int] = WidthOpt, height: Optional[int] = HeightOpt, out: Optional[str] = OutOpt,
-    dtype: str = DtypeOpt, device: str = DeviceOpt, as_json: bool = JsonOpt, overwrite: bool = OverwriteOpt,
-    quiet: bool = QuietOpt, prediction: Optional[str] = PredictionOpt, config: Optional[str] = ConfigOpt,
-    class_label: Optional[int] = ClassOpt, ema: bool = EmaOpt, low_memory: Optional[bool] = LowMemOpt,
+    negative: Optional[str] = NegativeOpt,
+    model: Optional[str] = ModelOpt,
+    steps: Optional[int] = StepsOpt,
+    sampler: Optional[str] = SamplerOpt,
+    karras: Optional[bool] = KarrasOpt,
+    spacing: Optional[str] = SpacingOpt,
+    cfg: Optional[float] = CfgOpt,
+    eta: Optional[float] = EtaOpt,
+    seed: Optional[int] = SeedOpt,
+    num: int = NumOpt,
+    width: Optional[int] = WidthOpt,
+    height: Optional[int] = HeightOpt,
+    out: Optional[str] = OutOpt,
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+    as_json: bool = JsonOpt,
+    overwrite: bool = OverwriteOpt,
+    quiet: bool = QuietOpt,
+    prediction: Optional[str] = PredictionOpt,
+    config: Optional[str] = ConfigOpt,
+    class_label: Optional[int] = ClassOpt,
+    ema: bool = EmaOpt,
+    low_memory: Optional[bool] = LowMemOpt,
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Regenerate the image whose PNG recipe this is."),
 ) -> None:
     """Generate images from text (or class labels, or nothing for unconditional models)."""
@@ -563,10 +684,14 @@ def txt2img(
     kind = sess.bundle.config.cond.kind
     if sess.bundle.config.concat is not None:
         task = "inpaint" if sess.bundle.config.concat == "inpaint" else "superres"
-        raise ConfigError(f"model {sess.bundle.config.name} is an {sess.bundle.config.concat} model: use `latentgen {task}`")
+        raise ConfigError(
+            f"model {sess.bundle.config.name} is an {sess.bundle.config.concat} model: use `latentgen {task}`"
+        )
     if kind == "class" and class_label is None and prompt != "-":
-        raise ConfigError(f"model {sess.bundle.config.name} is class-conditional: pass --class N "
-                          f"(0..{sess.bundle.config.cond.n_classes - 1})")  # fmt: skip
+        raise ConfigError(
+            f"model {sess.bundle.config.name} is class-conditional: pass --class N "
+            f"(0..{sess.bundle.config.cond.n_classes - 1})"
+        )
     if kind in ("none", "class") and prompt not in (None, "", "-"):
         note(f"model {sess.bundle.config.name} takes no text ({kind} conditioning): the prompt is only recorded", quiet)
     items = sess.read_items(prompt)
@@ -577,22 +702,41 @@ def txt2img(
     base = base_seed(seed, quiet)
 
     def make(item, seeds):
-        st = sess.settings(item.get("steps", defaults.steps), item.get("sampler", defaults.sampler), defaults.karras,
-                           defaults.spacing, item.get("cfg", defaults.cfg), defaults.eta)  # fmt: skip
+        st = sess.settings(
+            item.get("steps", defaults.steps),
+            item.get("sampler", defaults.sampler),
+            defaults.karras,
+            defaults.spacing,
+            item.get("cfg", defaults.cfg),
+            defaults.eta,
+        )
         w, h = int(item.get("width", w0)), int(item.get("height", h0))
         text = item.get("prompt", "")
         neg = item.get("negative", negative or "")
         conds = [item.get("class", class_label)] * len(seeds) if kind == "class" else [text] * len(seeds)
         if kind == "class" and conds[0] is None:
-            raise ConfigError("this model is class-conditional: give the item a \"class\" or pass --class N")
+            raise ConfigError('this model is class-conditional: give the item a "class" or pass --class N')
         bar = sess.progress(st.steps, text[:40] or "txt2img")
         try:
             imgs = pipelines.txt2img(sess.bundle, conds, [neg] * len(seeds), seeds, w, h, st, callback=bar)
         finally:
             bar.close()
-        meta = {"task": "txt2img", "prompt": text, "negative": neg, "steps": st.steps, "sampler": st.sampler,
-                "karras": st.karras, "spacing": st.spacing, "cfg": st.cfg, "eta": st.eta, "width": w, "height": h,
-                "prediction": sess.bundle.config.prediction, "model_path": sess.model_path, "ema": ema}  # fmt: skip
+        meta = {
+            "task": "txt2img",
+            "prompt": text,
+            "negative": neg,
+            "steps": st.steps,
+            "sampler": st.sampler,
+            "karras": st.karras,
+            "spacing": st.spacing,
+            "cfg": st.cfg,
+            "eta": st.eta,
+            "width": w,
+            "height": h,
+            "prediction": sess.bundle.config.prediction,
+            "model_path": sess.model_path,
+            "ema": ema,
+        }
         if kind == "class":
             meta["class"] = conds[0]
         return imgs, meta
@@ -613,8 +757,10 @@ def _check_image_size(sess: Session, x, what: str, scale: int = 1) -> None:
     m = size_multiple(sess.bundle) // scale
     w, h = x.shape[-1], x.shape[-2]
     if w % m or h % m:
-        raise InputError(f"{what} is {w}x{h}: both sides must be multiples of {m} for model {sess.bundle.config.name} "
-                         f"(crop or resize it, e.g. to {max(m, w // m * m)}x{max(m, h // m * m)})")  # fmt: skip
+        raise InputError(
+            f"{what} is {w}x{h}: both sides must be multiples of {m} for model {sess.bundle.config.name} "
+            f"(crop or resize it, e.g. to {max(m, w // m * m)}x{max(m, h // m * m)})"
+        )
 
 
 def _load_input_image(path: str):
@@ -639,9 +785,9 @@ def _outpaint_canvas(image, mask, extend):
     """Pad the canvas by L,T,R,B (edge colours) and mark the new border for repainting."""
     import torch.nn.functional as F
 
-    l, t, r, b = extend
-    image = F.pad(image, (l, r, t, b), mode="replicate")
-    mask = F.pad(mask, (l, r, t, b), value=1.0)
+    left, top, right, bottom = extend
+    image = F.pad(image, (left, right, top, bottom), mode="replicate")
+    mask = F.pad(mask, (left, right, top, bottom), value=1.0)
     return image, mask
 
 
@@ -650,12 +796,26 @@ def img2img(
     image: str = typer.Argument(..., help="Input image."),
     prompt: Optional[str] = typer.Argument(None, help="The prompt, or - for stdin."),
     strength: float = typer.Option(0.75, "--strength", help="How much to change the image, in (0, 1]."),
-    negative: Optional[str] = NegativeOpt, model: Optional[str] = ModelOpt, steps: Optional[int] = StepsOpt,
-    sampler: Optional[str] = SamplerOpt, karras: Optional[bool] = KarrasOpt, spacing: Optional[str] = SpacingOpt,
-    cfg: Optional[float] = CfgOpt, eta: Optional[float] = EtaOpt, seed: Optional[int] = SeedOpt, num: int = NumOpt,
-    out: Optional[str] = OutOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, as_json: bool = JsonOpt,
-    overwrite: bool = OverwriteOpt, quiet: bool = QuietOpt, prediction: Optional[str] = PredictionOpt,
-    config: Optional[str] = ConfigOpt, ema: bool = EmaOpt, low_memory: Optional[bool] = LowMemOpt,
+    negative: Optional[str] = NegativeOpt,
+    model: Optional[str] = ModelOpt,
+    steps: Optional[int] = StepsOpt,
+    sampler: Optional[str] = SamplerOpt,
+    karras: Optional[bool] = KarrasOpt,
+    spacing: Optional[str] = SpacingOpt,
+    cfg: Optional[float] = CfgOpt,
+    eta: Optional[float] = EtaOpt,
+    seed: Optional[int] = SeedOpt,
+    num: int = NumOpt,
+    out: Optional[str] = OutOpt,
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+    as_json: bool = JsonOpt,
+    overwrite: bool = OverwriteOpt,
+    quiet: bool = QuietOpt,
+    prediction: Optional[str] = PredictionOpt,
+    config: Optional[str] = ConfigOpt,
+    ema: bool = EmaOpt,
+    low_memory: Optional[bool] = LowMemOpt,
 ) -> None:
     """Change an image towards a prompt (SDEdit: encode, noise to the strength's σ, denoise the tail)."""
     _check_strength(strength)
@@ -665,8 +825,10 @@ def img2img(
     from . import pipelines
 
     if sess.bundle.config.concat is not None:
-        raise ConfigError(f"model {sess.bundle.config.name} is an {sess.bundle.config.concat} model: img2img needs an "
-                          "ordinary text-to-image model (--model)")  # fmt: skip
+        raise ConfigError(
+            f"model {sess.bundle.config.name} is an {sess.bundle.config.concat} model: img2img needs an "
+            "ordinary text-to-image model (--model)"
+        )
     _check_image_size(sess, init, image)
     items = sess.read_items(prompt)
     sess.check_outputs(items, num)
@@ -674,20 +836,46 @@ def img2img(
     base = base_seed(seed, quiet)
 
     def make(item, seeds):
-        st = sess.settings(item.get("steps", defaults.steps), item.get("sampler", defaults.sampler), defaults.karras,
-                           defaults.spacing, item.get("cfg", defaults.cfg), defaults.eta,
-                           item.get("strength", strength))  # fmt: skip
+        st = sess.settings(
+            item.get("steps", defaults.steps),
+            item.get("sampler", defaults.sampler),
+            defaults.karras,
+            defaults.spacing,
+            item.get("cfg", defaults.cfg),
+            defaults.eta,
+            item.get("strength", strength),
+        )
         text, neg = item.get("prompt", ""), item.get("negative", negative or "")
         bar = sess.progress(st.steps, text[:40] or "img2img")
         try:
-            imgs = pipelines.img2img(sess.bundle, init.expand(len(seeds), -1, -1, -1), [text] * len(seeds),
-                                     [neg] * len(seeds), seeds, st, callback=bar)  # fmt: skip
+            imgs = pipelines.img2img(
+                sess.bundle,
+                init.expand(len(seeds), -1, -1, -1),
+                [text] * len(seeds),
+                [neg] * len(seeds),
+                seeds,
+                st,
+                callback=bar,
+            )
         finally:
             bar.close()
-        return imgs, {"task": "img2img", "prompt": text, "negative": neg, "steps": st.steps, "sampler": st.sampler,
-                      "karras": st.karras, "spacing": st.spacing, "cfg": st.cfg, "eta": st.eta, "strength": st.strength,
-                      "width": init.shape[-1], "height": init.shape[-2], "init_image": image,
-                      "prediction": sess.bundle.config.prediction, "model_path": sess.model_path}  # fmt: skip
+        return imgs, {
+            "task": "img2img",
+            "prompt": text,
+            "negative": neg,
+            "steps": st.steps,
+            "sampler": st.sampler,
+            "karras": st.karras,
+            "spacing": st.spacing,
+            "cfg": st.cfg,
+            "eta": st.eta,
+            "strength": st.strength,
+            "width": init.shape[-1],
+            "height": init.shape[-2],
+            "init_image": image,
+            "prediction": sess.bundle.config.prediction,
+            "model_path": sess.model_path,
+        }
 
     run_generation(sess, items, base, num, make, {})
     sess.finish()
@@ -707,12 +895,26 @@ def inpaint(
     resize_mask: bool = typer.Option(False, "--resize-mask", help="Resize a mask of another size to the image."),
     extend: Optional[str] = typer.Option(None, "--extend", help="Outpaint: pad the canvas by L,T,R,B pixels."),
     strength: float = typer.Option(1.0, "--strength", help="For the repainted region, in (0, 1]."),
-    negative: Optional[str] = NegativeOpt, model: Optional[str] = ModelOpt, steps: Optional[int] = StepsOpt,
-    sampler: Optional[str] = SamplerOpt, karras: Optional[bool] = KarrasOpt, spacing: Optional[str] = SpacingOpt,
-    cfg: Optional[float] = CfgOpt, eta: Optional[float] = EtaOpt, seed: Optional[int] = SeedOpt, num: int = NumOpt,
-    out: Optional[str] = OutOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, as_json: bool = JsonOpt,
-    overwrite: bool = OverwriteOpt, quiet: bool = QuietOpt, prediction: Optional[str] = PredictionOpt,
-    config: Optional[str] = ConfigOpt, ema: bool = EmaOpt, low_memory: Optional[bool] = LowMemOpt,
+    negative: Optional[str] = NegativeOpt,
+    model: Optional[str] = ModelOpt,
+    steps: Optional[int] = StepsOpt,
+    sampler: Optional[str] = SamplerOpt,
+    karras: Optional[bool] = KarrasOpt,
+    spacing: Optional[str] = SpacingOpt,
+    cfg: Optional[float] = CfgOpt,
+    eta: Optional[float] = EtaOpt,
+    seed: Optional[int] = SeedOpt,
+    num: int = NumOpt,
+    out: Optional[str] = OutOpt,
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+    as_json: bool = JsonOpt,
+    overwrite: bool = OverwriteOpt,
+    quiet: bool = QuietOpt,
+    prediction: Optional[str] = PredictionOpt,
+    config: Optional[str] = ConfigOpt,
+    ema: bool = EmaOpt,
+    low_memory: Optional[bool] = LowMemOpt,
 ) -> None:
     """Repaint the white part of a mask (or the border added by --extend)."""
     import torch
@@ -732,8 +934,10 @@ def inpaint(
         size = (init.shape[-1], init.shape[-2])
         if m_im.size != size:
             if not resize_mask:
-                raise InputError(f"mask {mask} is {m_im.size[0]}x{m_im.size[1]} but the image is {size[0]}x{size[1]}: "
-                                 "pass a mask of the same size or --resize-mask")  # fmt: skip
+                raise InputError(
+                    f"mask {mask} is {m_im.size[0]}x{m_im.size[1]} but the image is {size[0]}x{size[1]}: "
+                    "pass a mask of the same size or --resize-mask"
+                )
             m_im = m_im.resize(size)
         if mask_blur:
             from PIL import ImageFilter
@@ -756,22 +960,51 @@ def inpaint(
     base = base_seed(seed, quiet)
 
     def make(item, seeds):
-        st = sess.settings(item.get("steps", defaults.steps), item.get("sampler", defaults.sampler), defaults.karras,
-                           defaults.spacing, item.get("cfg", defaults.cfg), defaults.eta,
-                           item.get("strength", strength))  # fmt: skip
+        st = sess.settings(
+            item.get("steps", defaults.steps),
+            item.get("sampler", defaults.sampler),
+            defaults.karras,
+            defaults.spacing,
+            item.get("cfg", defaults.cfg),
+            defaults.eta,
+            item.get("strength", strength),
+        )
         text, neg = item.get("prompt", ""), item.get("negative", negative or "")
         n = len(seeds)
         bar = sess.progress(st.steps, text[:40] or "inpaint")
         try:
-            imgs = pipelines.inpaint(sess.bundle, init.expand(n, -1, -1, -1), m.expand(n, -1, -1, -1), [text] * n,
-                                     [neg] * n, seeds, st, callback=bar)  # fmt: skip
+            imgs = pipelines.inpaint(
+                sess.bundle,
+                init.expand(n, -1, -1, -1),
+                m.expand(n, -1, -1, -1),
+                [text] * n,
+                [neg] * n,
+                seeds,
+                st,
+                callback=bar,
+            )
         finally:
             bar.close()
-        return imgs, {"task": "inpaint", "prompt": text, "negative": neg, "steps": st.steps, "sampler": st.sampler,
-                      "karras": st.karras, "spacing": st.spacing, "cfg": st.cfg, "eta": st.eta, "strength": st.strength,
-                      "width": init.shape[-1], "height": init.shape[-2], "init_image": image, "mask": mask,
-                      "mask_blur": mask_blur, "extend": extend, "prediction": sess.bundle.config.prediction,
-                      "model_path": sess.model_path}  # fmt: skip
+        return imgs, {
+            "task": "inpaint",
+            "prompt": text,
+            "negative": neg,
+            "steps": st.steps,
+            "sampler": st.sampler,
+            "karras": st.karras,
+            "spacing": st.spacing,
+            "cfg": st.cfg,
+            "eta": st.eta,
+            "strength": st.strength,
+            "width": init.shape[-1],
+            "height": init.shape[-2],
+            "init_image": image,
+            "mask": mask,
+            "mask_blur": mask_blur,
+            "extend": extend,
+            "prediction": sess.bundle.config.prediction,
+            "model_path": sess.model_path,
+        }
 
     run_generation(sess, items, base, num, make, {})
     sess.finish()
@@ -780,15 +1013,36 @@ def inpaint(
 @command()
 def superres(
     image: Optional[str] = typer.Argument(None, help="Low-resolution input image (default with --recipe: its input)."),
-    scale: Optional[int] = typer.Option(None, "--scale", help="Upscaling factor; must equal the model's (4 for LDM-SR)."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="What the image shows (text-guided upscalers: the SD 2 x4)."),
-    negative: Optional[str] = NegativeOpt, cfg: Optional[float] = CfgOpt,
-    noise_level: Optional[int] = typer.Option(None, "--noise-level", help="SD 2 x4 upscaler: noise added to the low-res image, 0..max_noise_level (350); default 20."),
-    model: Optional[str] = ModelOpt, steps: Optional[int] = StepsOpt, sampler: Optional[str] = SamplerOpt,
-    karras: Optional[bool] = KarrasOpt, spacing: Optional[str] = SpacingOpt, eta: Optional[float] = EtaOpt,
-    seed: Optional[int] = SeedOpt, num: int = NumOpt, out: Optional[str] = OutOpt, dtype: str = DtypeOpt,
-    device: str = DeviceOpt, as_json: bool = JsonOpt, overwrite: bool = OverwriteOpt, quiet: bool = QuietOpt,
-    prediction: Optional[str] = PredictionOpt, config: Optional[str] = ConfigOpt, ema: bool = EmaOpt,
+    scale: Optional[int] = typer.Option(
+        None, "--scale", help="Upscaling factor; must equal the model's (4 for LDM-SR)."
+    ),
+    prompt: Optional[str] = typer.Option(
+        None, "--prompt", "-p", help="What the image shows (text-guided upscalers: the SD 2 x4)."
+    ),
+    negative: Optional[str] = NegativeOpt,
+    cfg: Optional[float] = CfgOpt,
+    noise_level: Optional[int] = typer.Option(
+        None,
+        "--noise-level",
+        help="SD 2 x4 upscaler: noise added to the low-res image, 0..max_noise_level (350); default 20.",
+    ),
+    model: Optional[str] = ModelOpt,
+    steps: Optional[int] = StepsOpt,
+    sampler: Optional[str] = SamplerOpt,
+    karras: Optional[bool] = KarrasOpt,
+    spacing: Optional[str] = SpacingOpt,
+    eta: Optional[float] = EtaOpt,
+    seed: Optional[int] = SeedOpt,
+    num: int = NumOpt,
+    out: Optional[str] = OutOpt,
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+    as_json: bool = JsonOpt,
+    overwrite: bool = OverwriteOpt,
+    quiet: bool = QuietOpt,
+    prediction: Optional[str] = PredictionOpt,
+    config: Optional[str] = ConfigOpt,
+    ema: bool = EmaOpt,
     low_memory: Optional[bool] = LowMemOpt,
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Regenerate the image whose PNG recipe this is."),
 ) -> None:
@@ -799,8 +1053,9 @@ def superres(
     rec = _recipe(recipe)
     if rec:
         if rec.get("task") != "superres":
-            raise InputError(f"{recipe}: is a {rec.get('task')} image, not a superres one: pass a PNG made by "
-                             "`latentgen superres`")  # fmt: skip
+            raise InputError(
+                f"{recipe}: is a {rec.get('task')} image, not a superres one: pass a PNG made by `latentgen superres`"
+            )
         image = image or rec.get("init_image")
         prompt = rec.get("prompt", "") if prompt is None else prompt
         negative = rec.get("negative", "") if negative is None else negative
@@ -812,18 +1067,22 @@ def superres(
         model = load_registry().get("default_superres") or model
     _check_num(num)
     low = _load_input_image(image)
-    sess = Session("superres", model, prediction, config, dtype, device, quiet, as_json, overwrite, out, ema, low_memory)
+    sess = Session(
+        "superres", model, prediction, config, dtype, device, quiet, as_json, overwrite, out, ema, low_memory
+    )
     from . import pipelines
 
     name = sess.bundle.config.name
     if sess.bundle.config.concat != "lowres":
-        raise ConfigError(f"model {name} is not a super-resolution model (pass --model with an LDM-SR or SD 2 x4 "
-                          "upscaler checkpoint)")  # fmt: skip
+        raise ConfigError(
+            f"model {name} is not a super-resolution model (pass --model with an LDM-SR or SD 2 x4 upscaler checkpoint)"
+        )
     level = pipelines.noise_level_for(sess.bundle, noise_level)
     text_guided = sess.bundle.config.cond.kind != "none"
     if not text_guided and (prompt or negative or cfg not in (None, 1.0)):
-        raise ConfigError(f"model {name} takes no text: --prompt, --negative and --cfg need a text-guided "
-                          "upscaler (the SD 2 x4)")  # fmt: skip
+        raise ConfigError(
+            f"model {name} takes no text: --prompt, --negative and --cfg need a text-guided upscaler (the SD 2 x4)"
+        )
     f = sess.bundle.config.factor
     if scale is not None and scale != f:
         raise ConfigError(f"--scale {scale}: model {name} upscales by {f}")
@@ -837,15 +1096,36 @@ def superres(
         n = len(seeds)
         bar = sess.progress(defaults.steps, text[:40] or "superres")
         try:
-            imgs = pipelines.superres(sess.bundle, low.expand(n, -1, -1, -1), seeds, defaults, callback=bar,
-                                      prompts=[text] * n, negatives=[neg] * n, noise_level=level)  # fmt: skip
+            imgs = pipelines.superres(
+                sess.bundle,
+                low.expand(n, -1, -1, -1),
+                seeds,
+                defaults,
+                callback=bar,
+                prompts=[text] * n,
+                negatives=[neg] * n,
+                noise_level=level,
+            )
         finally:
             bar.close()
-        return imgs, {"task": "superres", "prompt": text, "negative": neg, "steps": defaults.steps,
-                      "sampler": defaults.sampler, "karras": defaults.karras, "spacing": defaults.spacing,
-                      "cfg": defaults.cfg, "eta": defaults.eta, "noise_level": level, "width": low.shape[-1] * f,
-                      "height": low.shape[-2] * f, "init_image": image, "prediction": sess.bundle.config.prediction,
-                      "model_path": sess.model_path, "ema": ema}  # fmt: skip
+        return imgs, {
+            "task": "superres",
+            "prompt": text,
+            "negative": neg,
+            "steps": defaults.steps,
+            "sampler": defaults.sampler,
+            "karras": defaults.karras,
+            "spacing": defaults.spacing,
+            "cfg": defaults.cfg,
+            "eta": defaults.eta,
+            "noise_level": level,
+            "width": low.shape[-1] * f,
+            "height": low.shape[-2] * f,
+            "init_image": image,
+            "prediction": sess.bundle.config.prediction,
+            "model_path": sess.model_path,
+            "ema": ema,
+        }
 
     run_generation(sess, [{"prompt": text}], base, num, make, {})
     sess.finish()
@@ -855,9 +1135,12 @@ def superres(
 def encode(
     image: str = typer.Argument(..., help="Image to encode."),
     out: str = typer.Option(..., "--out", "-o", help="Latent file to write (.safetensors)."),
-    model: Optional[str] = ModelOpt, sample: bool = typer.Option(False, "--sample", help="KL: draw from the posterior instead of its mode."),
+    model: Optional[str] = ModelOpt,
+    sample: bool = typer.Option(False, "--sample", help="KL: draw from the posterior instead of its mode."),
     seed: int = typer.Option(0, "--seed", help="Seed for --sample."),
-    overwrite: bool = OverwriteOpt, device: str = DeviceOpt, quiet: bool = QuietOpt,
+    overwrite: bool = OverwriteOpt,
+    device: str = DeviceOpt,
+    quiet: bool = QuietOpt,
 ) -> None:
     """Encode an image into the model's (scaled) latent space; writes a safetensors file."""
     import torch
@@ -872,8 +1155,10 @@ def encode(
 
     f = fs.factor
     if x.shape[-1] % f or x.shape[-2] % f:
-        raise InputError(f"{image} is {x.shape[-1]}x{x.shape[-2]}: both sides must be multiples of the model's "
-                         f"factor {f} (crop or resize it)")  # fmt: skip
+        raise InputError(
+            f"{image} is {x.shape[-1]}x{x.shape[-2]}: both sides must be multiples of the model's "
+            f"factor {f} (crop or resize it)"
+        )
     gens = [torch.Generator("cpu").manual_seed(seed)] if sample else None
     with torch.no_grad():
         z = encode_latents(fs.module, x * 2 - 1, gens) * fs.scale_factor
@@ -891,7 +1176,10 @@ def _check_single_out(out: str, overwrite: bool) -> None:
 def decode(
     latent: str = typer.Argument(..., help="Latent file written by `latentgen encode` (or any {latent: tensor})."),
     out: str = typer.Option(..., "--out", "-o", help="PNG to write."),
-    model: Optional[str] = ModelOpt, overwrite: bool = OverwriteOpt, device: str = DeviceOpt, quiet: bool = QuietOpt,
+    model: Optional[str] = ModelOpt,
+    overwrite: bool = OverwriteOpt,
+    device: str = DeviceOpt,
+    quiet: bool = QuietOpt,
 ) -> None:
     """Decode a latent file back into an image with a compatible first stage."""
     import torch
@@ -916,8 +1204,12 @@ def decode(
     with torch.no_grad():
         img = (decode_latents(fs.module, z / fs.scale_factor).float() / 2 + 0.5).clamp(0, 1)
     for p, im in zip(paths, img):
-        save_png(to_pil(im), p, text={"latentgen": json.dumps({"task": "decode", "latent": latent, "model": fs.name})},
-                 overwrite=overwrite)  # fmt: skip
+        save_png(
+            to_pil(im),
+            p,
+            text={"latentgen": json.dumps({"task": "decode", "latent": latent, "model": fs.name})},
+            overwrite=overwrite,
+        )
         print(p)
 
 

@@ -39,13 +39,19 @@ def _finish(result) -> None:
         raise SystemExit(130)
 
 
-DataOpt = typer.Option(..., "--data", help="Image folder (captions: NAME.txt or captions.jsonl) or 'shapes[:N[:SEED]]'.")
+DataOpt = typer.Option(
+    ..., "--data", help="Image folder (captions: NAME.txt or captions.jsonl) or 'shapes[:N[:SEED]]'."
+)
 OutOpt = typer.Option(None, "--out", help="Output folder (checkpoints, training state, samples).")
 SizeOpt = typer.Option(64, "--size", help="Training image size in pixels (square crops).")
 StepsOpt = typer.Option(1000, "--steps", help="Total optimisation steps (a resumed run continues up to this).")
 BatchOpt = typer.Option(8, "--batch-size", help="Global batch size (all processes together).")
-MicroOpt = typer.Option(None, "--micro-batch", help="Micro-batch size (default: batch / processes); the global "
-                        "batch is cut into micro-batches, each with its own random numbers.")  # fmt: skip
+MicroOpt = typer.Option(
+    None,
+    "--micro-batch",
+    help="Micro-batch size (default: batch / processes); the global "
+    "batch is cut into micro-batches, each with its own random numbers.",
+)
 WarmupOpt = typer.Option(0, "--warmup", help="Linear learning-rate warm-up steps.")
 DecayOpt = typer.Option("constant", "--lr-decay", help="After warm-up: constant, or cosine (to lr/10 at --steps).")
 SeedOpt = typer.Option(0, "--seed", help="Seed of data order, noise and initial weights.")
@@ -59,8 +65,12 @@ OverwriteOpt = typer.Option(False, "--overwrite", help="Start over in an --out f
 InitOpt = typer.Option(None, "--init", help="Fine-tune from this checkpoint (any file latentgen loads).")
 DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK if available).")
 SaveDtypeOpt = typer.Option("float32", "--save-dtype", help="Storage of the saved model: float32, float16, bfloat16.")
-BudgetOpt = typer.Option(0.0, "--time-budget", help="Seconds for the whole run: --steps shrinks to what fits at the "
-                         "speed of the first steps (the log says the step count; 0: off).")  # fmt: skip
+BudgetOpt = typer.Option(
+    0.0,
+    "--time-budget",
+    help="Seconds for the whole run: --steps shrinks to what fits at the "
+    "speed of the first steps (the log says the step count; 0: off).",
+)
 
 
 def train_ae(
@@ -85,15 +95,22 @@ def train_ae(
     kl_weight: float = typer.Option(1e-6, "--kl-weight", help="Weight of the KL penalty (kl)."),
     codebook_weight: float = typer.Option(1.0, "--codebook-weight", help="Weight of the VQ loss (vq)."),
     perceptual_weight: float = typer.Option(1.0, "--perceptual-weight", help="Weight of the perceptual loss."),
-    lpips_vgg: Optional[str] = typer.Option(None, "--lpips-vgg", help="VGG16 weights (torchvision keys, optional "
-                                            "LPIPS lin heads) in safetensors: use LPIPS; else a Laplacian-pyramid "
-                                            "loss."),  # fmt: skip
+    lpips_vgg: Optional[str] = typer.Option(
+        None,
+        "--lpips-vgg",
+        help="VGG16 weights (torchvision keys, optional "
+        "LPIPS lin heads) in safetensors: use LPIPS; else a Laplacian-pyramid "
+        "loss.",
+    ),
     disc_start: int = typer.Option(1000, "--disc-start", help="Step at which the adversarial loss starts."),
     disc_weight: float = typer.Option(0.5, "--disc-weight", help="Weight of the adaptive adversarial loss."),
     disc_layers: int = typer.Option(3, "--disc-layers", help="PatchGAN discriminator depth."),
     disc_ch: int = typer.Option(64, "--disc-ch", help="PatchGAN discriminator base channels."),
-    norm_groups: int = typer.Option(32, "--norm-groups", help="GroupNorm groups (32 as the original; fewer keep "
-                                    "more colour contrast in narrow, flat-image models)."),  # fmt: skip
+    norm_groups: int = typer.Option(
+        32,
+        "--norm-groups",
+        help="GroupNorm groups (32 as the original; fewer keep more colour contrast in narrow, flat-image models).",
+    ),
     l2_weight: float = typer.Option(0.0, "--l2-weight", help="Weight of an MSE term beside the L1 pixel loss."),
     adam_betas: str = typer.Option("0.5,0.9", "--adam-betas", help="Adam betas of autoencoder and discriminator."),
     ema_decay: float = EmaOpt,
@@ -112,16 +129,47 @@ def train_ae(
     from .train import AEOptions, train_autoencoder
 
     opts = AEOptions(
-        data=data, reg=reg, f=f, out=out, size=size, steps=steps, batch_size=batch_size, micro_batch=micro_batch,
-        lr=lr, warmup=warmup, lr_decay=lr_decay, seed=seed, ch=ch, ch_mult=_ints(ch_mult, "--ch-mult"),
-        num_res_blocks=num_res_blocks, attn_resolutions=_ints(attn_resolutions, "--attn-resolutions") or (),
-        embed_dim=embed_dim, n_embed=n_embed, kl_weight=kl_weight, codebook_weight=codebook_weight,
-        perceptual_weight=perceptual_weight, lpips_vgg=lpips_vgg, disc_start=disc_start, disc_weight=disc_weight,
-        disc_layers=disc_layers, disc_ch=disc_ch, l2_weight=l2_weight, norm_groups=norm_groups,
-        adam_betas=_floats(adam_betas, "--adam-betas"), ema_decay=ema_decay, save_every=save_every,
-        sample_every=sample_every, log_every=log_every, bf16=bf16, resume=resume, overwrite=overwrite, init=init,
-        device=device, save_dtype=save_dtype, time_budget=time_budget,
-    )  # fmt: skip
+        data=data,
+        reg=reg,
+        f=f,
+        out=out,
+        size=size,
+        steps=steps,
+        batch_size=batch_size,
+        micro_batch=micro_batch,
+        lr=lr,
+        warmup=warmup,
+        lr_decay=lr_decay,
+        seed=seed,
+        ch=ch,
+        ch_mult=_ints(ch_mult, "--ch-mult"),
+        num_res_blocks=num_res_blocks,
+        attn_resolutions=_ints(attn_resolutions, "--attn-resolutions") or (),
+        embed_dim=embed_dim,
+        n_embed=n_embed,
+        kl_weight=kl_weight,
+        codebook_weight=codebook_weight,
+        perceptual_weight=perceptual_weight,
+        lpips_vgg=lpips_vgg,
+        disc_start=disc_start,
+        disc_weight=disc_weight,
+        disc_layers=disc_layers,
+        disc_ch=disc_ch,
+        l2_weight=l2_weight,
+        norm_groups=norm_groups,
+        adam_betas=_floats(adam_betas, "--adam-betas"),
+        ema_decay=ema_decay,
+        save_every=save_every,
+        sample_every=sample_every,
+        log_every=log_every,
+        bf16=bf16,
+        resume=resume,
+        overwrite=overwrite,
+        init=init,
+        device=device,
+        save_dtype=save_dtype,
+        time_budget=time_budget,
+    )
     _finish(train_autoencoder(opts))
 
 
@@ -143,21 +191,27 @@ def train_ldm(
     model_channels: int = typer.Option(64, "--model-channels", help="UNet base channels."),
     channel_mult: str = typer.Option("1,2,2", "--channel-mult", help="UNet channel multipliers per level."),
     num_res_blocks: int = typer.Option(1, "--num-res-blocks", help="UNet ResBlocks per level."),
-    attention_resolutions: str = typer.Option("2,4", "--attention-resolutions", help="Downsampling rates with "
-                                              "attention (1 = latent resolution)."),  # fmt: skip
+    attention_resolutions: str = typer.Option(
+        "2,4", "--attention-resolutions", help="Downsampling rates with attention (1 = latent resolution)."
+    ),
     num_head_channels: int = typer.Option(32, "--num-head-channels", help="Width of each attention head."),
     transformer_depth: int = typer.Option(1, "--transformer-depth", help="Transformer blocks per attention."),
     text_dim: int = typer.Option(128, "--text-dim", help="Width of the BERT text transformer (text)."),
     text_layers: int = typer.Option(2, "--text-layers", help="Depth of the BERT text transformer (text)."),
     text_heads: int = typer.Option(4, "--text-heads", help="Heads of the BERT text transformer (text)."),
-    text_length: int = typer.Option(77, "--text-length", help="Tokens per prompt of the BERT text transformer "
-                                    "(longer prompts are cut; text)."),  # fmt: skip
+    text_length: int = typer.Option(
+        77, "--text-length", help="Tokens per prompt of the BERT text transformer (longer prompts are cut; text)."
+    ),
     class_dim: int = typer.Option(64, "--class-dim", help="Class embedding width (class)."),
     scale_batches: int = typer.Option(4, "--scale-batches", help="Batches used to measure the latent scale."),
     sample_steps: int = typer.Option(20, "--sample-steps", help="Sampler steps of the sample grids."),
-    cache_latents: bool = typer.Option(False, "--cache-latents", help="Encode every image once, up front, and keep "
-                                       "the encoder outputs in memory (8 KB per 64x64 image at f=4; 128 KB at "
-                                       "512x512 f=8)."),  # fmt: skip
+    cache_latents: bool = typer.Option(
+        False,
+        "--cache-latents",
+        help="Encode every image once, up front, and keep "
+        "the encoder outputs in memory (8 KB per 64x64 image at f=4; 128 KB at "
+        "512x512 f=8).",
+    ),
     workers: int = typer.Option(0, "--workers", help="Processes that render / load images for --cache-latents."),
     ema_decay: float = EmaOpt,
     save_every: int = SaveOpt,
@@ -172,18 +226,49 @@ def train_ldm(
     time_budget: float = BudgetOpt,
 ) -> None:
     """Train a latent diffusion model on a frozen autoencoder; writes OUT/model.safetensors (EMA weights)."""
-    from .train import LDMOptions, train_ldm as run
+    from .train import LDMOptions
+    from .train import train_ldm as run
 
     opts = LDMOptions(
-        data=data, ae=ae, cond=cond, out=out, prediction=prediction, cond_drop=cond_drop, size=size, steps=steps,
-        batch_size=batch_size, micro_batch=micro_batch, lr=lr, warmup=warmup, lr_decay=lr_decay, seed=seed,
-        model_channels=model_channels, channel_mult=_ints(channel_mult, "--channel-mult"),
-        num_res_blocks=num_res_blocks, attention_resolutions=_ints(attention_resolutions, "--attention-resolutions"),
-        num_head_channels=num_head_channels, transformer_depth=transformer_depth, text_dim=text_dim,
-        text_layers=text_layers, text_heads=text_heads, text_length=text_length, class_dim=class_dim,
-        scale_batches=scale_batches, sample_steps=sample_steps, cache_latents=cache_latents, ema_decay=ema_decay,
-        save_every=save_every, sample_every=sample_every, log_every=log_every, bf16=bf16, resume=resume,
-        overwrite=overwrite, init=init, device=device, save_dtype=save_dtype, time_budget=time_budget,
+        data=data,
+        ae=ae,
+        cond=cond,
+        out=out,
+        prediction=prediction,
+        cond_drop=cond_drop,
+        size=size,
+        steps=steps,
+        batch_size=batch_size,
+        micro_batch=micro_batch,
+        lr=lr,
+        warmup=warmup,
+        lr_decay=lr_decay,
+        seed=seed,
+        model_channels=model_channels,
+        channel_mult=_ints(channel_mult, "--channel-mult"),
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=_ints(attention_resolutions, "--attention-resolutions"),
+        num_head_channels=num_head_channels,
+        transformer_depth=transformer_depth,
+        text_dim=text_dim,
+        text_layers=text_layers,
+        text_heads=text_heads,
+        text_length=text_length,
+        class_dim=class_dim,
+        scale_batches=scale_batches,
+        sample_steps=sample_steps,
+        cache_latents=cache_latents,
+        ema_decay=ema_decay,
+        save_every=save_every,
+        sample_every=sample_every,
+        log_every=log_every,
+        bf16=bf16,
+        resume=resume,
+        overwrite=overwrite,
+        init=init,
+        device=device,
+        save_dtype=save_dtype,
+        time_budget=time_budget,
         workers=workers,
-    )  # fmt: skip
+    )
     _finish(run(opts))

@@ -5,7 +5,8 @@
 - ``clip``      SD 1.x ``FrozenCLIPEmbedder``: the CLIP text transformer (transformers ``CLIPTextModel``, written
                 out here with its module names; quick_gelu), output = last hidden state after
                 ``final_layer_norm``. Tokens padded with ``<|endoftext|>`` (49407).
-- ``open_clip`` SD 2.x ``FrozenOpenCLIPEmbedder``: the OpenCLIP text tower converted to the same layout (exact gelu); with ``layer="penultimate"`` the output is ``ln_final`` applied to the output of the
+- ``open_clip`` SD 2.x ``FrozenOpenCLIPEmbedder``: the OpenCLIP text tower converted to the same layout (exact gelu);
+                with ``layer="penultimate"`` the output is ``ln_final`` applied to the output of the
                 second-to-last block. Tokens padded with 0.
 - ``bert``      CompVis latent-diffusion ``BERTEmbedder``: an x-transformers encoder written out here with the
                 checkpoint's module names (pre-norm, no mask, exact-GELU feed-forward), output = final norm.
@@ -49,8 +50,16 @@ OPENCLIP_VIT_H_WIDTH = 1024
 
 # Fields that describe each kind; `to_dict` writes only these.
 _CLIP_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "max_position_embeddings", "hidden_act", "layer", "pad_token_id", "layer_norm_eps",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "hidden_act",
+    "layer",
+    "pad_token_id",
+    "layer_norm_eps",
 )
 _FIELDS_BY_KIND = {
     "clip": _CLIP_FIELDS,
@@ -68,10 +77,24 @@ _LDM_TARGETS = {
 }
 # Real-size defaults of the two CLIP towers, used when a config names the kind without sizes.
 _CLIP_DEFAULTS = {
-    "clip": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                 hidden_act="quick_gelu", layer="last", pad_token_id=CLIP_EOS),
-    "open_clip": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                      hidden_act="gelu", layer="penultimate", pad_token_id=0),
+    "clip": dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        hidden_act="quick_gelu",
+        layer="last",
+        pad_token_id=CLIP_EOS,
+    ),
+    "open_clip": dict(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        hidden_act="gelu",
+        layer="penultimate",
+        pad_token_id=0,
+    ),
 }
 
 
@@ -139,8 +162,13 @@ class CondConfig:
     @property
     def context_dim(self) -> int | None:
         """Width of the context the UNet's cross-attention receives (``context_dim`` in the UNet config)."""
-        return {"clip": self.hidden_size, "open_clip": self.hidden_size, "bert": self.n_embed,
-                "class": self.embed_dim, "none": None}[self.kind]
+        return {
+            "clip": self.hidden_size,
+            "open_clip": self.hidden_size,
+            "bert": self.n_embed,
+            "class": self.embed_dim,
+            "none": None,
+        }[self.kind]
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, **{name: getattr(self, name) for name in _FIELDS_BY_KIND[self.kind]}}
@@ -163,8 +191,9 @@ class CondConfig:
         return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
     @classmethod
-    def from_ldm(cls, cond_stage_config: Mapping, sd: Mapping[str, torch.Tensor] | None = None,
-                 **overrides) -> CondConfig:
+    def from_ldm(
+        cls, cond_stage_config: Mapping, sd: Mapping[str, torch.Tensor] | None = None, **overrides
+    ) -> CondConfig:
         """Build from an original YAML/JSON ``cond_stage_config`` (``target`` + ``params``), sizes from ``sd``."""
         target = cond_stage_config.get("target")
         if target not in _LDM_TARGETS:
@@ -213,7 +242,7 @@ def _shape(sd: Mapping, key: str) -> tuple[int, ...]:
 
 def _count_blocks(sd: Mapping, prefix: str) -> int:
     """Number of numbered children ``{prefix}{i}.`` present in ``sd``."""
-    indices = {int(k[len(prefix):].split(".", 1)[0]) for k in sd if k.startswith(prefix)}
+    indices = {int(k[len(prefix) :].split(".", 1)[0]) for k in sd if k.startswith(prefix)}
     return max(indices) + 1 if indices else 0
 
 
@@ -237,8 +266,9 @@ def _infer_config(sd: Mapping) -> CondConfig:
         return _infer_bert(sd)
     if "embedding.weight" in sd:
         n_classes, embed_dim = _shape(sd, "embedding.weight")
-        return CondConfig(kind="class", n_classes=n_classes, embed_dim=embed_dim,
-                          null_label=1000 if n_classes == 1001 else None)  # ImageNet + unconditional class
+        return CondConfig(
+            kind="class", n_classes=n_classes, embed_dim=embed_dim, null_label=1000 if n_classes == 1001 else None
+        )  # ImageNet + unconditional class
     raise CheckpointError(
         f"cond stage keys ({sorted(sd)[0]}, ...) match no known encoder; expected transformer.text_model.*, "
         "model.token_embedding.weight, transformer.token_emb.weight or embedding.weight"
@@ -248,12 +278,16 @@ def _infer_config(sd: Mapping) -> CondConfig:
 def _infer_open_clip(sd: Mapping) -> CondConfig:
     vocab, width = _shape(sd, "model.token_embedding.weight")
     return CondConfig(
-        kind="open_clip", vocab_size=vocab, hidden_size=width,
+        kind="open_clip",
+        vocab_size=vocab,
+        hidden_size=width,
         intermediate_size=_shape(sd, "model.transformer.resblocks.0.mlp.c_fc.weight")[0],
         num_hidden_layers=_count_blocks(sd, "model.transformer.resblocks."),
         num_attention_heads=max(width // HEAD_DIM, 1),
         max_position_embeddings=_shape(sd, "model.positional_embedding")[0],
-        hidden_act="gelu", layer="penultimate", pad_token_id=0,
+        hidden_act="gelu",
+        layer="penultimate",
+        pad_token_id=0,
     )
 
 
@@ -262,7 +296,9 @@ def _infer_hf_clip(sd: Mapping, prefix: str) -> CondConfig:
     vocab, width = _shape(sd, prefix + "embeddings.token_embedding.weight")
     layers = _count_blocks(sd, prefix + "encoder.layers.")
     common = dict(
-        vocab_size=vocab, hidden_size=width, num_hidden_layers=layers,
+        vocab_size=vocab,
+        hidden_size=width,
+        num_hidden_layers=layers,
         intermediate_size=_shape(sd, prefix + "encoder.layers.0.mlp.fc1.weight")[0],
         num_attention_heads=max(width // HEAD_DIM, 1),
         max_position_embeddings=_shape(sd, prefix + "embeddings.position_embedding.weight")[0],
@@ -278,10 +314,14 @@ def _infer_bert(sd: Mapping) -> CondConfig:
     inner = _shape(sd, "transformer.attn_layers.layers.0.1.to_q.weight")[0]
     ff_inner = _shape(sd, "transformer.attn_layers.layers.1.1.net.0.0.weight")[0]
     return CondConfig(
-        kind="bert", vocab_size=vocab, n_embed=n_embed,
+        kind="bert",
+        vocab_size=vocab,
+        n_embed=n_embed,
         n_layer=_count_blocks(sd, "transformer.attn_layers.layers.") // 2,
         max_seq_len=_shape(sd, "transformer.pos_emb.emb.weight")[0],
-        heads=max(inner // HEAD_DIM, 1), dim_head=min(inner, HEAD_DIM), ff_mult=ff_inner // n_embed,
+        heads=max(inner // HEAD_DIM, 1),
+        dim_head=min(inner, HEAD_DIM),
+        ff_mult=ff_inner // n_embed,
     )
 
 
@@ -325,15 +365,30 @@ def clip_tokenizer():
     from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
 
     vocab, merges = clip_bpe_vocab()
-    tok = Tokenizer(models.BPE(vocab=dict(vocab), merges=list(merges), dropout=None, continuing_subword_prefix="",
-                               end_of_word_suffix="</w>", fuse_unk=False, unk_token=CLIP_EOT))  # fmt: skip
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
-                                           normalizers.Lowercase()])  # fmt: skip
+    tok = Tokenizer(
+        models.BPE(
+            vocab=dict(vocab),
+            merges=list(merges),
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="</w>",
+            fuse_unk=False,
+            unk_token=CLIP_EOT,
+        )
+    )
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
     pattern = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="removed", invert=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])  # fmt: skip
-    tok.post_processor = processors.RobertaProcessing((CLIP_EOT, CLIP_EOS), (CLIP_SOT, CLIP_BOS), trim_offsets=False,
-                                                      add_prefix_space=False)  # fmt: skip
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    tok.post_processor = processors.RobertaProcessing(
+        (CLIP_EOT, CLIP_EOS), (CLIP_SOT, CLIP_BOS), trim_offsets=False, add_prefix_space=False
+    )
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (CLIP_SOT, CLIP_EOT)])
     return tok
 
@@ -348,15 +403,21 @@ def bert_tokenizer():
     tokens = _asset_bytes("bert_vocab.txt").decode("utf-8").split("\n")
     vocab = {token: i for i, token in enumerate(tokens[:BERT_VOCAB_SIZE])}
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
-                                                lowercase=True)  # fmt: skip
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True
+    )
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", BERT_CLS), ("[SEP]", BERT_SEP)])
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", BERT_CLS), ("[SEP]", BERT_SEP)]
+    )
     if tok.get_vocab_size() != BERT_VOCAB_SIZE or (tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")) != (
-            BERT_CLS, BERT_SEP):  # fmt: skip
-        raise ConfigError(f"assets/bert_vocab.txt built a {tok.get_vocab_size()}-token vocabulary, not "
-                          f"{BERT_VOCAB_SIZE}; reinstall latentgen")  # fmt: skip
+        BERT_CLS,
+        BERT_SEP,
+    ):
+        raise ConfigError(
+            f"assets/bert_vocab.txt built a {tok.get_vocab_size()}-token vocabulary, not "
+            f"{BERT_VOCAB_SIZE}; reinstall latentgen"
+        )
     return tok
 
 
@@ -368,8 +429,12 @@ def _pad_and_truncate(tok, prompts: Sequence[str], max_length: int, pad_id: int)
     for i, enc in enumerate(tok.encode_batch(prompts)):
         ids = enc.ids
         if len(ids) > max_length:
-            warnings.warn(f"prompt {i + 1} ({prompts[i][:40]!r}...) is {len(ids)} tokens; truncated to the "
-                          f"encoder's {max_length}", TruncationWarning, stacklevel=3)  # fmt: skip
+            warnings.warn(
+                f"prompt {i + 1} ({prompts[i][:40]!r}...) is {len(ids)} tokens; truncated to the "
+                f"encoder's {max_length}",
+                TruncationWarning,
+                stacklevel=3,
+            )
             ids = ids[: max_length - 1] + ids[-1:]
         out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
     return out
@@ -405,8 +470,9 @@ def _describe(keys, limit: int = 4) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def check_state_dict(expected: Mapping[str, tuple], sd: Mapping[str, torch.Tensor], what: str,
-                     name_prefix: str = "cond_stage_model.") -> None:
+def check_state_dict(
+    expected: Mapping[str, tuple], sd: Mapping[str, torch.Tensor], what: str, name_prefix: str = "cond_stage_model."
+) -> None:
     """Raise CheckpointError naming missing, unexpected and mis-shaped keys (one line)."""
     problems = []
     missing = set(expected) - set(sd)
@@ -417,8 +483,12 @@ def check_state_dict(expected: Mapping[str, tuple], sd: Mapping[str, torch.Tenso
     if unexpected:
         problems.append("unexpected " + _describe(name_prefix + k for k in unexpected))
     if misshaped:
-        problems.append("mis-shaped " + ", ".join(
-            f"{name_prefix}{k} {list(sd[k].shape)} (model wants {list(expected[k])})" for k in misshaped[:4]))
+        problems.append(
+            "mis-shaped "
+            + ", ".join(
+                f"{name_prefix}{k} {list(sd[k].shape)} (model wants {list(expected[k])})" for k in misshaped[:4]
+            )
+        )
     if problems:
         raise CheckpointError(
             f"cond stage weights do not fit the {what} encoder: {'; '.join(problems)}; "
@@ -477,12 +547,17 @@ def openclip_to_clip(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         "transformer.text_model.final_layer_norm.weight": sd["model.ln_final.weight"],
         "transformer.text_model.final_layer_norm.bias": sd["model.ln_final.bias"],
     }
-    renames = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
-               "attn.out_proj": "self_attn.out_proj"}
+    renames = {
+        "ln_1": "layer_norm1",
+        "ln_2": "layer_norm2",
+        "mlp.c_fc": "mlp.fc1",
+        "mlp.c_proj": "mlp.fc2",
+        "attn.out_proj": "self_attn.out_proj",
+    }
     for key, value in sd.items():
         if not key.startswith("model.transformer.resblocks."):
             continue
-        i, rest = key[len("model.transformer.resblocks."):].split(".", 1)
+        i, rest = key[len("model.transformer.resblocks.") :].split(".", 1)
         dst = f"transformer.text_model.encoder.layers.{i}."
         if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
             suffix = rest.rsplit("_", 1)[1]
@@ -502,13 +577,18 @@ def clip_to_openclip(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         "model.ln_final.weight": sd["transformer.text_model.final_layer_norm.weight"],
         "model.ln_final.bias": sd["transformer.text_model.final_layer_norm.bias"],
     }
-    renames = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
-               "self_attn.out_proj": "attn.out_proj"}
+    renames = {
+        "layer_norm1": "ln_1",
+        "layer_norm2": "ln_2",
+        "mlp.fc1": "mlp.c_fc",
+        "mlp.fc2": "mlp.c_proj",
+        "self_attn.out_proj": "attn.out_proj",
+    }
     prefix = "transformer.text_model.encoder.layers."
     for key, value in sd.items():
         if not key.startswith(prefix):
             continue
-        i, rest = key[len(prefix):].split(".", 1)
+        i, rest = key[len(prefix) :].split(".", 1)
         module, param = rest.rsplit(".", 1)
         dst = f"model.transformer.resblocks.{i}."
         if module == "self_attn.q_proj":
@@ -529,8 +609,10 @@ class CLIPAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        q, k, v = (f(x).view(b, n, self.heads, c // self.heads).transpose(1, 2)
-                   for f in (self.q_proj, self.k_proj, self.v_proj))  # fmt: skip
+        q, k, v = (
+            f(x).view(b, n, self.heads, c // self.heads).transpose(1, 2)
+            for f in (self.q_proj, self.k_proj, self.v_proj)
+        )
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
 
@@ -641,10 +723,10 @@ class CLIPEmbedder(_Conditioner):
         else:
             prefix = _clip_prefix(sd)
             prefix = "transformer.text_model." if prefix is None else prefix
-            theirs = {prefix + k[len("transformer.text_model."):]: s for k, s in ours.items()}
+            theirs = {prefix + k[len("transformer.text_model.") :]: s for k, s in ours.items()}
             sd = {k: v for k, v in sd.items() if k != prefix + "embeddings.position_ids"}
             check_state_dict(theirs, sd, self.kind, name_prefix)
-            sd = {"transformer.text_model." + k[len(prefix):]: v for k, v in sd.items()}
+            sd = {"transformer.text_model." + k[len(prefix) :]: v for k, v in sd.items()}
         self.load_state_dict(sd, strict=True, assign=True)
 
 
@@ -683,8 +765,9 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int):
         super().__init__()
         inner = dim * mult
-        self.net = nn.Sequential(nn.Sequential(nn.Linear(dim, inner), nn.GELU()), nn.Dropout(0.0),
-                                 nn.Linear(inner, dim))
+        self.net = nn.Sequential(
+            nn.Sequential(nn.Linear(dim, inner), nn.GELU()), nn.Dropout(0.0), nn.Linear(inner, dim)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -797,6 +880,11 @@ class NoConditioner(_Conditioner):
 
 def build_conditioner(cfg: CondConfig) -> _Conditioner:
     """The τθ module for ``cfg`` (random weights; load with ``load_original_state_dict``)."""
-    builders = {"clip": CLIPEmbedder, "open_clip": CLIPEmbedder, "bert": BERTEmbedder, "class": ClassEmbedder,
-                "none": NoConditioner}
+    builders = {
+        "clip": CLIPEmbedder,
+        "open_clip": CLIPEmbedder,
+        "bert": BERTEmbedder,
+        "class": ClassEmbedder,
+        "none": NoConditioner,
+    }
     return builders[cfg.kind](cfg)

@@ -273,7 +273,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if not self.root.is_dir():
             raise InputError(f"image folder '{self.root}' does not exist; pass an existing folder of images")
         self.files = sorted(
-            p for p in self.root.iterdir()
+            p
+            for p in self.root.iterdir()
             if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
         )
         if not self.files:
@@ -351,7 +352,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 def open_dataset(
     spec: str, size: int = _BASE, require_captions: bool = False, length: int = 10_000
 ) -> torch.utils.data.Dataset:
-    """"shapes" | "shapes:N" | "shapes:N:SEED" -> ShapesDataset (N defaults to `length`, SEED to 0);
+    """ "shapes" | "shapes:N" | "shapes:N:SEED" -> ShapesDataset (N defaults to `length`, SEED to 0);
     anything else is a folder path -> ImageFolderDataset."""
     if spec == "shapes" or spec.startswith("shapes:"):
         parts = spec.split(":")[1:]
@@ -527,12 +528,14 @@ def _components(pixels: np.ndarray, background: np.ndarray, scale: float) -> lis
         strong = distance[ys, xs] >= 0.7 * distance[ys, xs].max()
         colour = _nearest(np.median(pixels[ys[strong], xs[strong]].astype(np.float32), axis=0), COLOURS)
         extent = max(y1 - y0, x1 - x0)
-        found.append(_Component(
-            colour=colour,
-            shape=_classify_shape(labels[y0:y1, x0:x1] == ident),
-            size="small" if extent <= _SIZE_SPLIT * scale else "large",
-            centre=((x0 + x1) / 2, (y0 + y1) / 2),
-        ))
+        found.append(
+            _Component(
+                colour=colour,
+                shape=_classify_shape(labels[y0:y1, x0:x1] == ident),
+                size="small" if extent <= _SIZE_SPLIT * scale else "large",
+                centre=((x0 + x1) / 2, (y0 + y1) / 2),
+            )
+        )
     return found
 
 

@@ -18,8 +18,18 @@ import torch.nn.functional as F
 
 from .autoencoder import DiagonalGaussian
 from .checkpoint import ModelBundle, make_low_scale_schedule
-from .denoiser import (CFGDenoiser, Denoiser, get_sigmas, network_dtype, noise_for_img2img, prepare_noise, q_sample,
-                       quantize_timesteps, strength_sigmas, to_latent)  # fmt: skip
+from .denoiser import (
+    CFGDenoiser,
+    Denoiser,
+    get_sigmas,
+    network_dtype,
+    noise_for_img2img,
+    prepare_noise,
+    q_sample,
+    quantize_timesteps,
+    strength_sigmas,
+    to_latent,
+)
 from .errors import ConfigError, InputError
 from .samplers import get_sampler, randn
 
@@ -58,8 +68,10 @@ def check_size(bundle: ModelBundle, width: int, height: int) -> None:
     m = size_multiple(bundle)
     for name, v in (("width", width), ("height", height)):
         if v < m or v % m:
-            raise InputError(f"--{name} {v} is not a positive multiple of {m} (the model's factor "
-                             f"{bundle.config.factor} × the UNet's downsampling): use {max(m, v // m * m)}")  # fmt: skip
+            raise InputError(
+                f"--{name} {v} is not a positive multiple of {m} (the model's factor "
+                f"{bundle.config.factor} × the UNet's downsampling): use {max(m, v // m * m)}"
+            )
 
 
 def latent_shape(bundle: ModelBundle, n: int, width: int, height: int) -> tuple[int, ...]:
@@ -100,7 +112,9 @@ def encode_prompts(bundle: ModelBundle, prompts: list, negatives: list, cfg: flo
 
 
 def _sample(bundle, x, sigmas, settings, cond, uncond, gens, callback, wrap=None):
-    den = Denoiser(bundle.unet, bundle.schedule, bundle.config.prediction, quantize=quantize_timesteps(settings.sampler))
+    den = Denoiser(
+        bundle.unet, bundle.schedule, bundle.config.prediction, quantize=quantize_timesteps(settings.sampler)
+    )
     model = CFGDenoiser(den)
     if wrap is not None:
         model = wrap(model)
@@ -112,8 +126,9 @@ def _sample(bundle, x, sigmas, settings, cond, uncond, gens, callback, wrap=None
 
 
 def sigmas_for(bundle: ModelBundle, settings: Settings) -> torch.Tensor:
-    return get_sigmas(bundle.schedule, settings.steps, sampler=settings.sampler, spacing=settings.spacing,
-                      karras=settings.karras)  # fmt: skip
+    return get_sigmas(
+        bundle.schedule, settings.steps, sampler=settings.sampler, spacing=settings.spacing, karras=settings.karras
+    )
 
 
 def tail(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
@@ -217,8 +232,17 @@ def shared_norm_stats(fn, module: torch.nn.Module, preview: torch.Tensor):
             del m.forward  # back to GroupNorm.forward
 
 
-def _with_tiles(fn, x: torch.Tensor, latent_side: int, tile: int | None, overlap: int, in_scale: int,
-                out_scale: int, what: str, module: torch.nn.Module) -> torch.Tensor:  # fmt: skip
+def _with_tiles(
+    fn,
+    x: torch.Tensor,
+    latent_side: int,
+    tile: int | None,
+    overlap: int,
+    in_scale: int,
+    out_scale: int,
+    what: str,
+    module: torch.nn.Module,
+) -> torch.Tensor:
     """Whole when small, in tiles when large (tile=None: above AUTO_TILE; tile=0: never) or when the whole
     input runs out of memory; tiles are halved while they still do. The tiles share the GroupNorm statistics
     of one pass over x subsampled to a tile's size (`shared_norm_stats`; `module` holds the norms)."""
@@ -232,26 +256,36 @@ def _with_tiles(fn, x: torch.Tensor, latent_side: int, tile: int | None, overlap
             step = -(-latent_side // size)  # the preview: every step-th sample (averaging would lower the variance)
             with shared_norm_stats(fn, module, x[..., ::step, ::step]):
                 return blend_tiles(fn, x, size, min(overlap, size // 4), in_scale, out_scale)
-        except Exception as e:  # noqa: BLE001 - only allocation failures are retried
+        except Exception as e:
             if not is_out_of_memory(e) or size <= MIN_TILE:
                 if is_out_of_memory(e):
-                    raise InputError(f"out of memory in the first stage's {what} even in {size}-latent-pixel tiles: "
-                                     "use a smaller image or --device cpu") from e  # fmt: skip
+                    raise InputError(
+                        f"out of memory in the first stage's {what} even in {size}-latent-pixel tiles: "
+                        "use a smaller image or --device cpu"
+                    ) from e
                 raise
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             size = max(MIN_TILE, min(size, latent_side) // 2)
 
 
-def decode_latents(first_stage, z: torch.Tensor, *, tile: int | None = None, overlap: int = TILE_OVERLAP) -> torch.Tensor:
+def decode_latents(
+    first_stage, z: torch.Tensor, *, tile: int | None = None, overlap: int = TILE_OVERLAP
+) -> torch.Tensor:
     """Unscaled latent → image in about [-1, 1] (not clamped), tiled for large latents or on out-of-memory."""
     z = z.to(next(first_stage.parameters()).device, network_dtype(first_stage))
     f = first_stage.config.factor
     return _with_tiles(first_stage.decode_latent, z, max(z.shape[-2:]), tile, overlap, 1, f, "decoder", first_stage)
 
 
-def encode_latents(first_stage, x: torch.Tensor, gens: list[torch.Generator] | None = None, *,
-                   tile: int | None = None, overlap: int = TILE_OVERLAP) -> torch.Tensor:  # fmt: skip
+def encode_latents(
+    first_stage,
+    x: torch.Tensor,
+    gens: list[torch.Generator] | None = None,
+    *,
+    tile: int | None = None,
+    overlap: int = TILE_OVERLAP,
+) -> torch.Tensor:
     """Image in [-1, 1] → unscaled latent. KL: the posterior parameters are blended across tiles, then the
     mode is taken, or one sample per image from its own generator (as diffusers' img2img)."""
     x = x.to(next(first_stage.parameters()).device, network_dtype(first_stage))
@@ -287,8 +321,9 @@ def decode(bundle: ModelBundle, z: torch.Tensor, tile: int | None = None) -> tor
     return (img.float() / 2 + 0.5).clamp(0, 1)
 
 
-def encode(bundle: ModelBundle, images: torch.Tensor, gens: list[torch.Generator] | None = None,
-           tile: int | None = None) -> torch.Tensor:  # fmt: skip
+def encode(
+    bundle: ModelBundle, images: torch.Tensor, gens: list[torch.Generator] | None = None, tile: int | None = None
+) -> torch.Tensor:
     """Images in [0, 1] → scaled latents. KL: a posterior sample drawn from each image's generator
     (as diffusers' img2img), or the mode without generators."""
     with torch.no_grad():
@@ -296,13 +331,23 @@ def encode(bundle: ModelBundle, images: torch.Tensor, gens: list[torch.Generator
     return z * bundle.config.scale_factor
 
 
-def txt2img(bundle: ModelBundle, prompts: list, negatives: list, seeds: list[int], width: int, height: int,
-            settings: Settings, callback=None) -> torch.Tensor:  # fmt: skip
+def txt2img(
+    bundle: ModelBundle,
+    prompts: list,
+    negatives: list,
+    seeds: list[int],
+    width: int,
+    height: int,
+    settings: Settings,
+    callback=None,
+) -> torch.Tensor:
     settings.check()
     check_size(bundle, width, height)
     if bundle.config.concat is not None:
-        raise InputError(f"{bundle.config.name} is a {bundle.config.concat} model: use `latentgen "
-                         f"{'inpaint' if bundle.config.concat == 'inpaint' else 'superres'}`")  # fmt: skip
+        raise InputError(
+            f"{bundle.config.name} is a {bundle.config.concat} model: use `latentgen "
+            f"{'inpaint' if bundle.config.concat == 'inpaint' else 'superres'}`"
+        )
     device, dtype = _params(bundle)
     gens = generators(seeds)
     sigmas = sigmas_for(bundle, settings)
@@ -313,8 +358,15 @@ def txt2img(bundle: ModelBundle, prompts: list, negatives: list, seeds: list[int
     return decode(bundle, to_latent(x, sigmas[-1]))
 
 
-def img2img(bundle: ModelBundle, images: torch.Tensor, prompts: list, negatives: list, seeds: list[int],
-            settings: Settings, callback=None) -> torch.Tensor:  # fmt: skip
+def img2img(
+    bundle: ModelBundle,
+    images: torch.Tensor,
+    prompts: list,
+    negatives: list,
+    seeds: list[int],
+    settings: Settings,
+    callback=None,
+) -> torch.Tensor:
     """SDEdit: encode, noise to the strength's σ, run the tail of the schedule."""
     settings.check()
     check_size(bundle, images.shape[-1], images.shape[-2])
@@ -328,16 +380,26 @@ def img2img(bundle: ModelBundle, images: torch.Tensor, prompts: list, negatives:
     return decode(bundle, to_latent(x, sigmas[-1]))
 
 
-def inpaint(bundle: ModelBundle, images: torch.Tensor, masks: torch.Tensor, prompts: list, negatives: list,
-            seeds: list[int], settings: Settings, callback=None) -> torch.Tensor:  # fmt: skip
+def inpaint(
+    bundle: ModelBundle,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    prompts: list,
+    negatives: list,
+    seeds: list[int],
+    settings: Settings,
+    callback=None,
+) -> torch.Tensor:
     """Repaint where mask = 1. A 9-channel inpainting UNet gets [mask↓, E(masked image)] as concat
     conditioning (as diffusers' StableDiffusionInpaintPipeline); any other model keeps the known region by
     replacing it, at every step, with the original latent re-noised to the current σ."""
     settings.check()
     check_size(bundle, images.shape[-1], images.shape[-2])
     if masks.shape[-2:] != images.shape[-2:]:
-        raise InputError(f"mask is {masks.shape[-1]}x{masks.shape[-2]} but the image is "
-                         f"{images.shape[-1]}x{images.shape[-2]}: pass a mask of the same size or --resize-mask")  # fmt: skip
+        raise InputError(
+            f"mask is {masks.shape[-1]}x{masks.shape[-2]} but the image is "
+            f"{images.shape[-1]}x{images.shape[-2]}: pass a mask of the same size or --resize-mask"
+        )
     masks = (masks >= 0.5).to(images.dtype)
     device, dtype = _params(bundle)
     gens = generators(seeds)
@@ -394,13 +456,17 @@ def noise_level_for(bundle: ModelBundle, noise_level: int | None) -> int | None:
     cfg = bundle.config
     if cfg.max_noise_level is None:
         if noise_level is not None:
-            raise ConfigError(f"--noise-level {noise_level}: model {cfg.name} does not noise its low-res input "
-                              "(only the SD 2 x4 upscaler does); drop --noise-level")  # fmt: skip
+            raise ConfigError(
+                f"--noise-level {noise_level}: model {cfg.name} does not noise its low-res input "
+                "(only the SD 2 x4 upscaler does); drop --noise-level"
+            )
         return None
     level = int(cfg.recommended.get("noise_level", DEFAULT_NOISE_LEVEL) if noise_level is None else noise_level)
     if not 0 <= level <= cfg.max_noise_level:
-        raise InputError(f"--noise-level {level} is outside 0..{cfg.max_noise_level} (the max_noise_level of model "
-                         f"{cfg.name}): pick a level in that range")  # fmt: skip
+        raise InputError(
+            f"--noise-level {level} is outside 0..{cfg.max_noise_level} (the max_noise_level of model "
+            f"{cfg.name}): pick a level in that range"
+        )
     return level
 
 
@@ -414,9 +480,16 @@ def augment_lowres(bundle: ModelBundle, lowres: torch.Tensor, level: int, gens: 
     return noised, {"y": torch.full((lowres.shape[0],), level, dtype=torch.long, device=lowres.device)}
 
 
-def superres(bundle: ModelBundle, images: torch.Tensor, seeds: list[int], settings: Settings, callback=None,
-             prompts: list | None = None, negatives: list | None = None,
-             noise_level: int | None = None) -> torch.Tensor:  # fmt: skip
+def superres(
+    bundle: ModelBundle,
+    images: torch.Tensor,
+    seeds: list[int],
+    settings: Settings,
+    callback=None,
+    prompts: list | None = None,
+    negatives: list | None = None,
+    noise_level: int | None = None,
+) -> torch.Tensor:
     """LDM-SR (Rombach et al. §4.4): the low-res image in [-1, 1], at latent resolution, is concatenated to
     the latent the UNet denoises; the output is f times larger. The SD 2 x4 upscaler first noises the image to
     `noise_level` (drawn before the initial latent noise, as diffusers' StableDiffusionUpscalePipeline) and is
@@ -434,8 +507,9 @@ def superres(bundle: ModelBundle, images: torch.Tensor, seeds: list[int], settin
         lowres, extra = augment_lowres(bundle, lowres, level, gens)
     lowres = lowres.to(dtype)
     sigmas = sigmas_for(bundle, settings)
-    x = prepare_noise(randn((n, bundle.config.latent_channels, h, w), gens, device), sigmas, settings.sampler,
-                      settings.spacing)  # fmt: skip
+    x = prepare_noise(
+        randn((n, bundle.config.latent_channels, h, w), gens, device), sigmas, settings.sampler, settings.spacing
+    )
     p = prompts or [""] * n
     cond, uncond = encode_prompts(bundle, p, negatives or [""] * n, settings.cfg)
     cond = {**cond, "concat": lowres, **extra}

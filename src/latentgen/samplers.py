@@ -19,7 +19,7 @@ In x-space DDIM(η) and the DDPM posterior step are the Euler-ancestral step (sh
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

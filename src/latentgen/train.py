@@ -49,9 +49,24 @@ AE_FILE = "autoencoder.safetensors"
 LDM_FILE = "model.safetensors"
 COND_CHOICES = ("none", "class", "text", "sr", "inpaint")
 # options that may change between a run and its --resume (they do not change what is computed)
-_NOT_IDENTITY = {"out", "resume", "overwrite", "steps", "save_every", "sample_every", "log_every", "device",
-                 "micro_batch", "bf16", "init", "save_dtype", "sample_steps",
-                 "cache_latents", "workers", "time_budget"}  # fmt: skip
+_NOT_IDENTITY = {
+    "out",
+    "resume",
+    "overwrite",
+    "steps",
+    "save_every",
+    "sample_every",
+    "log_every",
+    "device",
+    "micro_batch",
+    "bf16",
+    "init",
+    "save_dtype",
+    "sample_steps",
+    "cache_latents",
+    "workers",
+    "time_budget",
+}
 
 
 # ================================================================================================ options
@@ -246,8 +261,11 @@ class BatchStream:
 
     def items(self, indices: list[int]) -> dict:
         items = [self.dataset[i] for i in indices]
-        return {"image": torch.stack([it["image"] for it in items]), "caption": [it["caption"] for it in items],
-                "index": indices}  # fmt: skip
+        return {
+            "image": torch.stack([it["image"] for it in items]),
+            "caption": [it["caption"] for it in items],
+            "index": indices,
+        }
 
 
 @dataclass
@@ -358,8 +376,12 @@ class TrainState:
     def load_module(self, name: str, module: nn.Module) -> None:
         from .checkpoint import load_strict, split_prefix
 
-        load_strict(module, {k: v.clone() for k, v in split_prefix(self.tensors, f"model.{name}.").items()},
-                    what=name, source=str(self.path))  # fmt: skip
+        load_strict(
+            module,
+            {k: v.clone() for k, v in split_prefix(self.tensors, f"model.{name}.").items()},
+            what=name,
+            source=str(self.path),
+        )
 
     def restore(self, *, optimizers: dict, emas: dict) -> None:
         from .checkpoint import load_strict, split_prefix
@@ -516,8 +538,10 @@ class Loop:
         if fit < self.opts.steps:
             self.opts.steps = max(fit, done)
             if self.dist.main:
-                self.log(f"time budget: {self.opts.steps} steps fit ({rate:.2f} it/s measured); "
-                         f"reproduce with --steps {self.opts.steps}")  # fmt: skip
+                self.log(
+                    f"time budget: {self.opts.steps} steps fit ({rate:.2f} it/s measured); "
+                    f"reproduce with --steps {self.opts.steps}"
+                )
 
     def run(self, start: int, result: TrainResult) -> TrainResult:
         opts, t0 = self.opts, time.perf_counter()
@@ -545,8 +569,10 @@ class Loop:
                 if self.dist.main and (done % opts.log_every == 0 or done == opts.steps or halt):
                     rate = (done - start) / max(time.perf_counter() - t0, 1e-9)
                     parts = "  ".join(f"{k} {v:.4g}" for k, v in terms.items())
-                    self.log(f"step {done}/{opts.steps}  {parts}  {rate:.2f} it/s  ETA "
-                             f"{_fmt_time((opts.steps - done) / max(rate, 1e-9))}")  # fmt: skip
+                    self.log(
+                        f"step {done}/{opts.steps}  {parts}  {rate:.2f} it/s  ETA "
+                        f"{_fmt_time((opts.steps - done) / max(rate, 1e-9))}"
+                    )
                 if halt:
                     result.interrupted = True
                     if self.dist.main:
@@ -560,8 +586,9 @@ def save_grid(rows: list[torch.Tensor], path: Path, text: dict | None = None) ->
     from .images import save_png, to_pil
 
     h, w = rows[0].shape[-2:]
-    rows = [F.interpolate(r.float(), size=(h, w), mode="nearest") if r.shape[-2:] != (h, w) else r.float()
-            for r in rows]  # fmt: skip
+    rows = [
+        F.interpolate(r.float(), size=(h, w), mode="nearest") if r.shape[-2:] != (h, w) else r.float() for r in rows
+    ]
     grid = torch.cat([torch.cat(list(r.cpu()), dim=-1) for r in rows], dim=-2)
     save_png(to_pil(grid), path, text={k: str(v) for k, v in (text or {}).items()}, overwrite=True)
 
@@ -580,8 +607,11 @@ class NLayerDiscriminator(nn.Module):
         for n in range(1, n_layers + 1):
             prev, mult = mult, min(2**n, 8)
             stride = 2 if n < n_layers else 1
-            seq += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride=stride, padding=1, bias=False),
-                    nn.BatchNorm2d(ndf * mult), nn.LeakyReLU(0.2, True)]  # fmt: skip
+            seq += [
+                nn.Conv2d(ndf * prev, ndf * mult, 4, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(ndf * mult),
+                nn.LeakyReLU(0.2, True),
+            ]
         seq += [nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1)]
         self.main = nn.Sequential(*seq)
         self.apply(_init_discriminator)
@@ -720,8 +750,12 @@ def load_lpips(path: str) -> LPIPS:
     load_strict(lp.net, feats, what="VGG16 features", source=path)
     heads = {k: v for k, v in tensors.items() if k.startswith("lin")}
     if heads:
-        load_strict(nn.ModuleDict({f"lin{i}": getattr(lp, f"lin{i}") for i in range(5)}), heads,
-                    what="LPIPS linear heads", source=path)  # fmt: skip
+        load_strict(
+            nn.ModuleDict({f"lin{i}": getattr(lp, f"lin{i}") for i in range(5)}),
+            heads,
+            what="LPIPS linear heads",
+            source=path,
+        )
         lp.heads = "lpips"
     else:
         with torch.no_grad():
@@ -751,15 +785,24 @@ def ae_config(opts: AEOptions):
     if len(mult) != levels:
         raise ConfigError(f"--ch-mult {','.join(map(str, mult))} has {len(mult)} levels; --f {opts.f} needs {levels}")
     if opts.norm_groups < 1 or any(opts.ch * m % opts.norm_groups for m in mult):
-        raise ConfigError(f"--ch {opts.ch} × --ch-mult must give multiples of --norm-groups {opts.norm_groups} "
-                          "(GroupNorm)")  # fmt: skip
+        raise ConfigError(
+            f"--ch {opts.ch} × --ch-mult must give multiples of --norm-groups {opts.norm_groups} (GroupNorm)"
+        )
     if opts.reg not in ("kl", "vq"):
         raise ConfigError(f"--reg must be kl or vq, not {opts.reg!r}")
     return AutoencoderConfig(
-        kind=opts.reg, embed_dim=opts.embed_dim, z_channels=opts.embed_dim, ch=opts.ch, ch_mult=mult,
-        num_res_blocks=opts.num_res_blocks, attn_resolutions=tuple(opts.attn_resolutions), resolution=opts.size,
-        double_z=opts.reg == "kl", n_embed=opts.n_embed if opts.reg == "vq" else None, norm_groups=opts.norm_groups,
-    )  # fmt: skip
+        kind=opts.reg,
+        embed_dim=opts.embed_dim,
+        z_channels=opts.embed_dim,
+        ch=opts.ch,
+        ch_mult=mult,
+        num_res_blocks=opts.num_res_blocks,
+        attn_resolutions=tuple(opts.attn_resolutions),
+        resolution=opts.size,
+        double_z=opts.reg == "kl",
+        n_embed=opts.n_embed if opts.reg == "vq" else None,
+        norm_groups=opts.norm_groups,
+    )
 
 
 @dataclass
@@ -851,13 +894,22 @@ class AETrainer:
         scale = self.scale_factor()  # collective-free: every rank computes it, rank 0 writes
         if not self.dist.main:
             return out / AE_FILE
-        save_state(out / STATE_FILE, step=step, modules={"ae": self.ae, "disc": self.disc},
-                   optimizers={"ae": self.opt_ae, "disc": self.opt_d}, emas={"ae": self.ema}, meta=meta)  # fmt: skip
+        save_state(
+            out / STATE_FILE,
+            step=step,
+            modules={"ae": self.ae, "disc": self.disc},
+            optimizers={"ae": self.opt_ae, "disc": self.opt_d},
+            emas={"ae": self.ema},
+            meta=meta,
+        )
         module = cast_copy(self.ema.module, self.opts.save_dtype)
         tensors = {FIRST_STAGE_PREFIX + k: v for k, v in module.state_dict().items()}
-        info = {"autoencoder": json.dumps({"config": self.ema.module.config.to_dict(), "scale_factor": scale}),
-                "perceptual_loss": perceptual_name(self.perceptual), "step": str(step),
-                "training": json.dumps(self.opts.identity())}  # fmt: skip
+        info = {
+            "autoencoder": json.dumps({"config": self.ema.module.config.to_dict(), "scale_factor": scale}),
+            "perceptual_loss": perceptual_name(self.perceptual),
+            "step": str(step),
+            "training": json.dumps(self.opts.identity()),
+        }
         write_safetensors(out / AE_FILE, tensors, info)
         return out / AE_FILE
 
@@ -865,8 +917,11 @@ class AETrainer:
     def sample(self, out: Path, step: int) -> None:
         x = self.stream.items(list(range(min(8, len(self.stream.dataset)))))["image"].to(self.dist.device)
         rec = self.ema.module.decode_latent(self.ema.module.encode_latent(x))
-        save_grid([(x + 1) / 2, ((rec.float() + 1) / 2).clamp(0, 1)], out / "samples" / f"step-{step:07d}.png",
-                  {"latentgen": json.dumps({"task": "train-ae", "step": step, "rows": ["input", "reconstruction"]})})
+        save_grid(
+            [(x + 1) / 2, ((rec.float() + 1) / 2).clamp(0, 1)],
+            out / "samples" / f"step-{step:07d}.png",
+            {"latentgen": json.dumps({"task": "train-ae", "step": step, "rows": ["input", "reconstruction"]})},
+        )
 
 
 def train_autoencoder(opts: AEOptions, *, log=stderr_log, callback=None) -> TrainResult:
@@ -906,16 +961,31 @@ def train_autoencoder(opts: AEOptions, *, log=stderr_log, callback=None) -> Trai
     if state is not None:
         state.restore(optimizers={"ae": opt_ae, "disc": opt_d}, emas={"ae": ema})
         start = state.step
-    trainer = AETrainer(opts, dist, BatchStream(dataset, opts.batch_size, opts.seed), plan, ae, disc, perceptual,
-                        opt_ae, opt_d, ema)  # fmt: skip
-    meta = {"kind": "autoencoder", "run": opts.identity(), "model_config": cfg.to_dict(),
-            "perceptual_loss": perceptual_name(perceptual)}  # fmt: skip
+    trainer = AETrainer(
+        opts, dist, BatchStream(dataset, opts.batch_size, opts.seed), plan, ae, disc, perceptual, opt_ae, opt_d, ema
+    )
+    meta = {
+        "kind": "autoencoder",
+        "run": opts.identity(),
+        "model_config": cfg.to_dict(),
+        "perceptual_loss": perceptual_name(perceptual),
+    }
     if dist.main:
-        log(f"train-ae: {cfg.kind.upper()} f={cfg.factor}, {sum(p.numel() for p in ae.parameters()) / 1e6:.2f}M "
-            f"params, perceptual loss: {perceptual_name(perceptual)}, {dist.world} process(es), from step {start}")
+        log(
+            f"train-ae: {cfg.kind.upper()} f={cfg.factor}, {sum(p.numel() for p in ae.parameters()) / 1e6:.2f}M "
+            f"params, perceptual loss: {perceptual_name(perceptual)}, {dist.world} process(es), from step {start}"
+        )
     result = TrainResult(out, start, model_path=out / AE_FILE)
-    loop = Loop(opts, dist, trainer.step, lambda s: trainer.save(out, s, meta), lambda s: trainer.sample(out, s),
-                log, callback, deadline(opts, t_begin))  # fmt: skip
+    loop = Loop(
+        opts,
+        dist,
+        trainer.step,
+        lambda s: trainer.save(out, s, meta),
+        lambda s: trainer.sample(out, s),
+        log,
+        callback,
+        deadline(opts, t_begin),
+    )
     return loop.run(start, result)
 
 
@@ -940,8 +1010,9 @@ def class_names(dataset) -> list[str]:
         return [f"{c} {s}" for c in COLOURS for s in SHAPES]
     names = sorted(set(dataset.captions))
     if len(names) < 2 or "" in names:
-        raise InputError(f"--cond class needs every image of '{dataset.root}' captioned with its class name "
-                         "(at least two classes)")  # fmt: skip
+        raise InputError(
+            f"--cond class needs every image of '{dataset.root}' captioned with its class name (at least two classes)"
+        )
     return names
 
 
@@ -961,31 +1032,54 @@ def ldm_config(opts: LDMOptions, first_stage_cfg, scale: float, n_classes: int |
     from .unet import UNetConfig
 
     if any(opts.model_channels * m % 32 for m in opts.channel_mult):
-        raise ConfigError(f"--model-channels {opts.model_channels} × --channel-mult must give multiples of 32 "
-                          "(GroupNorm with 32 groups); e.g. --model-channels 32 or 64")  # fmt: skip
+        raise ConfigError(
+            f"--model-channels {opts.model_channels} × --channel-mult must give multiples of 32 "
+            "(GroupNorm with 32 groups); e.g. --model-channels 32 or 64"
+        )
     lat = first_stage_cfg.embed_dim
     text = opts.cond == "text" or (opts.cond == "inpaint" and captions)
     if opts.cond == "class":
         cond = CondConfig(kind="class", n_classes=n_classes + 1, embed_dim=opts.class_dim, null_label=n_classes)
     elif text:
-        cond = CondConfig(kind="bert", n_embed=opts.text_dim, n_layer=opts.text_layers, heads=opts.text_heads,
-                          dim_head=opts.text_dim // opts.text_heads, max_seq_len=opts.text_length)  # fmt: skip
+        cond = CondConfig(
+            kind="bert",
+            n_embed=opts.text_dim,
+            n_layer=opts.text_layers,
+            heads=opts.text_heads,
+            dim_head=opts.text_dim // opts.text_heads,
+            max_seq_len=opts.text_length,
+        )
     else:
         cond = CondConfig(kind="none")
     extra = {"sr": 3, "inpaint": lat + 1}.get(opts.cond, 0)
     concat = {"sr": "lowres", "inpaint": "inpaint"}.get(opts.cond)
     ctx = cond.context_dim
     unet = UNetConfig(
-        in_channels=lat + extra, out_channels=lat, model_channels=opts.model_channels,
-        attention_resolutions=tuple(opts.attention_resolutions), num_res_blocks=opts.num_res_blocks,
-        channel_mult=tuple(opts.channel_mult), num_head_channels=opts.num_head_channels,
-        use_spatial_transformer=ctx is not None, transformer_depth=opts.transformer_depth, context_dim=ctx,
+        in_channels=lat + extra,
+        out_channels=lat,
+        model_channels=opts.model_channels,
+        attention_resolutions=tuple(opts.attention_resolutions),
+        num_res_blocks=opts.num_res_blocks,
+        channel_mult=tuple(opts.channel_mult),
+        num_head_channels=opts.num_head_channels,
+        use_spatial_transformer=ctx is not None,
+        transformer_depth=opts.transformer_depth,
+        context_dim=ctx,
         image_size=opts.size // first_stage_cfg.factor,
-    )  # fmt: skip
+    )
     key = ("hybrid" if ctx else "concat") if concat else ("crossattn" if ctx else "none")
-    return ModelConfig(unet=unet, first_stage=first_stage_cfg, cond=cond, family="latentgen",
-                       prediction=opts.prediction, prediction_source="metadata", conditioning_key=key,
-                       concat=concat, scale_factor=scale, name=Path(opts.out or opts.resume).name)  # fmt: skip
+    return ModelConfig(
+        unet=unet,
+        first_stage=first_stage_cfg,
+        cond=cond,
+        family="latentgen",
+        prediction=opts.prediction,
+        prediction_source="metadata",
+        conditioning_key=key,
+        concat=concat,
+        scale_factor=scale,
+        name=Path(opts.out or opts.resume).name,
+    )
 
 
 def downsample(x: torch.Tensor, factor: int) -> torch.Tensor:
@@ -1084,8 +1178,10 @@ class LDMTrainer:
             prompts = ["" if d else c for c, d in zip(batch["caption"], drop.tolist())]
             kw["context"] = self.cond(self.cond.tokenize(prompts).to(self.dist.device))
         elif kind == "class":
-            labels = [self.cfg.cond.null_label if d else class_label(self.stream.dataset, self.classes, c)
-                      for c, d in zip(batch["caption"], drop.tolist())]  # fmt: skip
+            labels = [
+                self.cfg.cond.null_label if d else class_label(self.stream.dataset, self.classes, c)
+                for c, d in zip(batch["caption"], drop.tolist())
+            ]
             kw["context"] = self.cond(torch.tensor(labels, device=self.dist.device))
         if self.cfg.concat == "lowres":
             kw["concat"] = self.lowres(x)
@@ -1136,15 +1232,27 @@ class LDMTrainer:
         if not self.dist.main:
             return out / LDM_FILE
         emas = {k: v for k, v in self.emas.items()}
-        save_state(out / STATE_FILE, step=step, modules={"unet": self.unet, "cond": self.cond,
-                   "first_stage": self.first_stage}, optimizers={"ldm": self.opt}, emas=emas, meta=meta)  # fmt: skip
+        save_state(
+            out / STATE_FILE,
+            step=step,
+            modules={"unet": self.unet, "cond": self.cond, "first_stage": self.first_stage},
+            optimizers={"ldm": self.opt},
+            emas=emas,
+            meta=meta,
+        )
         unet, cond = self.ema_modules()
         d = self.opts.save_dtype
         extra = {"step": str(step), "training": json.dumps(self.opts.identity())}
         if self.classes:
             extra["class_names"] = json.dumps(self.classes)
-        save_model(out / LDM_FILE, self.cfg, cast_copy(unet, d), cast_copy(self.first_stage, d), cast_copy(cond, d),
-                   metadata=extra)  # fmt: skip
+        save_model(
+            out / LDM_FILE,
+            self.cfg,
+            cast_copy(unet, d),
+            cast_copy(self.first_stage, d),
+            cast_copy(cond, d),
+            metadata=extra,
+        )
         return out / LDM_FILE
 
     def bundle(self):
@@ -1181,8 +1289,11 @@ class LDMTrainer:
             rows = [x01 * (1 - masks), res, x01]
         else:
             rows = [pipelines.txt2img(bundle, prompts, [""] * n, seeds, size, size, settings), x01]
-        save_grid(rows, out / "samples" / f"step-{step:07d}.png",
-                  {"latentgen": json.dumps({"task": "train-ldm", "step": step, "prompts": prompts})})
+        save_grid(
+            rows,
+            out / "samples" / f"step-{step:07d}.png",
+            {"latentgen": json.dumps({"task": "train-ldm", "step": step, "prompts": prompts})},
+        )
 
 
 @torch.no_grad()
@@ -1281,9 +1392,19 @@ def train_ldm(opts: LDMOptions, *, log=stderr_log, callback=None) -> TrainResult
     meta = {"kind": "ldm", "run": opts.identity(), "model_config": cfg.to_dict()}
     if dist.main:
         n = sum(p.numel() for p in unet.parameters()) / 1e6
-        log(f"train-ldm: cond {cond_name(cfg)} ({cfg.conditioning_key}), {opts.prediction}-prediction, UNet {n:.2f}M "
-            f"params, scale {cfg.scale_factor:.5g}, {dist.world} process(es), from step {start}")  # fmt: skip
+        log(
+            f"train-ldm: cond {cond_name(cfg)} ({cfg.conditioning_key}), {opts.prediction}-prediction, UNet {n:.2f}M "
+            f"params, scale {cfg.scale_factor:.5g}, {dist.world} process(es), from step {start}"
+        )
     result = TrainResult(out, start, model_path=out / LDM_FILE)
-    loop = Loop(opts, dist, trainer.step, lambda s: trainer.save(out, s, meta), lambda s: trainer.sample(out, s),
-                log, callback, deadline(opts, t_begin))  # fmt: skip
+    loop = Loop(
+        opts,
+        dist,
+        trainer.step,
+        lambda s: trainer.save(out, s, meta),
+        lambda s: trainer.sample(out, s),
+        log,
+        callback,
+        deadline(opts, t_begin),
+    )
     return loop.run(start, result)

@@ -87,8 +87,10 @@ class UNetConfig:
         if self.disable_self_attentions is not None:
             self.disable_self_attentions = tuple(bool(d) for d in self.disable_self_attentions)
             if len(self.disable_self_attentions) != len(self.channel_mult):
-                raise ConfigError(f"UNet config: disable_self_attentions has {len(self.disable_self_attentions)} "
-                                  f"entries but channel_mult has {len(self.channel_mult)} levels; give one per level")
+                raise ConfigError(
+                    f"UNet config: disable_self_attentions has {len(self.disable_self_attentions)} "
+                    f"entries but channel_mult has {len(self.channel_mult)} levels; give one per level"
+                )
         if self.num_heads == -1 and self.num_head_channels == -1:
             raise ConfigError("UNet config needs num_heads or num_head_channels (got neither)")
         if self.use_spatial_transformer and self.context_dim is None:
@@ -166,14 +168,19 @@ def _infer_unet(sd: dict[str, torch.Tensor], family_hint: str | None) -> dict:
     model_channels, in_channels = sd["input_blocks.0.0.weight"].shape[:2]
     n_out = _count(sd, "output_blocks.{}.")
     # the upsampler is the last sub-module (index >= 1) of the last output block of each level but the last
-    ups = [i for i in range(n_out) for j in (1, 2) if f"output_blocks.{i}.{j}.conv.weight" in sd
-           or f"output_blocks.{i}.{j}.in_layers.0.weight" in sd]
+    ups = [
+        i
+        for i in range(n_out)
+        for j in (1, 2)
+        if f"output_blocks.{i}.{j}.conv.weight" in sd or f"output_blocks.{i}.{j}.in_layers.0.weight" in sd
+    ]
     num_res_blocks = ups[0] if ups else n_out - 1
     levels = n_out // (num_res_blocks + 1)
     first = [1 + lvl * (num_res_blocks + 1) for lvl in range(levels)]  # first ResBlock of each level
     channel_mult = tuple(sd[f"input_blocks.{i}.0.in_layers.2.weight"].shape[0] // model_channels for i in first)
-    attention_resolutions = tuple(2**lvl for lvl, i in enumerate(first) if any(
-        k.startswith(f"input_blocks.{i}.1.") for k in sd))
+    attention_resolutions = tuple(
+        2**lvl for lvl, i in enumerate(first) if any(k.startswith(f"input_blocks.{i}.1.") for k in sd)
+    )
     spatial = "middle_block.1.proj_in.weight" in sd
     linear = spatial and sd["middle_block.1.proj_in.weight"].ndim == 2
     res0 = f"input_blocks.{first[0]}.0"
@@ -213,6 +220,7 @@ def _infer_unet(sd: dict[str, torch.Tensor], family_hint: str | None) -> dict:
 
 def _disabled_self_attentions(sd: dict, first: list[int], channel_mult: tuple, mc: int, context_dim: int) -> dict:
     """`disable_self_attentions` / `disable_middle_self_attn` from the width attn1's keys project from."""
+
     def disabled(prefix: str, channels: int) -> bool:
         key = f"{prefix}.transformer_blocks.0.attn1.to_k.weight"
         return key in sd and sd[key].shape[1] != channels and sd[key].shape[1] == context_dim
@@ -353,8 +361,11 @@ class AttentionBlock(nn.Module):
         b, c, *spatial = x.shape
         x = x.reshape(b, c, -1)
         qkv = self.qkv(self.norm(x))
-        layout = (b, 3, self.num_heads, c // self.num_heads, -1) if self.new_order else (
-            b, self.num_heads, 3, c // self.num_heads, -1)
+        layout = (
+            (b, 3, self.num_heads, c // self.num_heads, -1)
+            if self.new_order
+            else (b, self.num_heads, 3, c // self.num_heads, -1)
+        )
         qkv = qkv.reshape(layout)
         q, k, v = qkv.unbind(1 if self.new_order else 2)  # each [b, heads, d, t]
         h = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
@@ -370,8 +381,9 @@ class CrossAttention(nn.Module):
     """Multi-head attention softmax(Q K^T / sqrt(d)) V with Q from x and K, V from the context
     (paper Eq. 3); self-attention when no context is given."""
 
-    def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 8, dim_head: int = 64,
-                 dropout: float = 0.0):
+    def __init__(
+        self, query_dim: int, context_dim: int | None = None, heads: int = 8, dim_head: int = 64, dropout: float = 0.0
+    ):
         super().__init__()
         inner = heads * dim_head
         context_dim = context_dim or query_dim
@@ -418,12 +430,20 @@ class BasicTransformerBlock(nn.Module):
     """Pre-norm self-attention, cross-attention and feed-forward, each with a residual.
     With `disable_self_attn` the first attention attends to the context as well (no self-attention)."""
 
-    def __init__(self, dim: int, n_heads: int, d_head: int, dropout: float = 0.0, context_dim: int | None = None,
-                 disable_self_attn: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        d_head: int,
+        dropout: float = 0.0,
+        context_dim: int | None = None,
+        disable_self_attn: bool = False,
+    ):
         super().__init__()
         self.disable_self_attn = disable_self_attn
-        self.attn1 = CrossAttention(dim, context_dim=context_dim if disable_self_attn else None, heads=n_heads,
-                                    dim_head=d_head, dropout=dropout)
+        self.attn1 = CrossAttention(
+            dim, context_dim=context_dim if disable_self_attn else None, heads=n_heads, dim_head=d_head, dropout=dropout
+        )
         self.ff = FeedForward(dim, dropout=dropout)
         self.attn2 = CrossAttention(dim, context_dim=context_dim, heads=n_heads, dim_head=d_head, dropout=dropout)
         self.norm1 = nn.LayerNorm(dim)
@@ -440,16 +460,26 @@ class SpatialTransformer(nn.Module):
     """Image-shaped transformer: GroupNorm (eps 1e-6), proj_in (1x1 conv, or Linear in SD 2.x),
     `depth` transformer blocks over the h*w tokens, proj_out, residual."""
 
-    def __init__(self, in_channels: int, n_heads: int, d_head: int, depth: int = 1, dropout: float = 0.0,
-                 context_dim: int | None = None, use_linear: bool = False, disable_self_attn: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        n_heads: int,
+        d_head: int,
+        depth: int = 1,
+        dropout: float = 0.0,
+        context_dim: int | None = None,
+        use_linear: bool = False,
+        disable_self_attn: bool = False,
+    ):
         super().__init__()
         inner = n_heads * d_head
         self.use_linear = use_linear
         self.norm = nn.GroupNorm(32, in_channels, eps=1e-6, affine=True)
         self.proj_in = nn.Linear(in_channels, inner) if use_linear else nn.Conv2d(in_channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, n_heads, d_head, dropout=dropout, context_dim=context_dim,
-                                  disable_self_attn=disable_self_attn)
+            BasicTransformerBlock(
+                inner, n_heads, d_head, dropout=dropout, context_dim=context_dim, disable_self_attn=disable_self_attn
+            )
             for _ in range(depth)
         )
         self.proj_out = nn.Linear(inner, in_channels) if use_linear else nn.Conv2d(inner, in_channels, 1)
@@ -520,8 +550,9 @@ class UNetModel(nn.Module):
                 self.input_blocks.append(TimestepEmbedSequential(down))
                 skip_channels.append(ch)
                 ds *= 2
-        self.middle_block = TimestepEmbedSequential(res(ch, ch), self._attention(ch, cfg.disable_middle_self_attn),
-                                                    res(ch, ch))
+        self.middle_block = TimestepEmbedSequential(
+            res(ch, ch), self._attention(ch, cfg.disable_middle_self_attn), res(ch, ch)
+        )
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
@@ -547,12 +578,25 @@ class UNetModel(nn.Module):
                 f"num_head_channels={cfg.num_head_channels}; set one that divides {ch}"
             )
         if cfg.use_spatial_transformer:
-            return SpatialTransformer(ch, heads, head_dim, cfg.transformer_depth, cfg.dropout, cfg.context_dim,
-                                      cfg.use_linear_in_transformer, disable_self_attn)
+            return SpatialTransformer(
+                ch,
+                heads,
+                head_dim,
+                cfg.transformer_depth,
+                cfg.dropout,
+                cfg.context_dim,
+                cfg.use_linear_in_transformer,
+                disable_self_attn,
+            )
         return AttentionBlock(ch, heads, cfg.use_new_attention_order)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor | None = None,
-                y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor | float,
+        context: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Network output (eps or v) for noisy latents x [b, in_channels, h, w] at (possibly fractional)
         timesteps [b] or a scalar, with cross-attention context [b, n, context_dim] and class labels y [b]."""
         timesteps = torch.as_tensor(timesteps, device=x.device)
