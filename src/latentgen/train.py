@@ -236,7 +236,7 @@ def autocast(dist: Dist, enabled: bool):
 
 
 def step_seed(seed: int, *keys: int) -> int:
-    return int(np.random.SeedSequence([seed, *keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1, dtype=np.uint64)[0]) >> 1
 
 
 class BatchStream:
