@@ -263,7 +263,7 @@ def scheduler_kwargs() -> dict:
 
 def make_tiny(cache: Path) -> tuple[Path, Path]:
     """The sd1-tiny fixture (original code's weights) in latentgen format + as a diffusers folder."""
-    from latentgen.checkpoint import load_model, save_model
+    from latentgen.loading.bundle import load_model, save_model
 
     lg, df = cache / "tiny-sd1.safetensors", cache / "tiny-sd1-diffusers"
     cfg = json.loads((FIXTURES / "sd1-tiny.json").read_text())
@@ -304,7 +304,7 @@ class Timer:
 def tokenizer_for_diffusers():
     from transformers import CLIPTokenizer
 
-    from latentgen.conditioning import clip_bpe_vocab
+    from latentgen.text.tokenizers import clip_bpe_vocab
 
     vocab, merges = clip_bpe_vocab()
     tok = CLIPTokenizer(vocab=dict(vocab), merges=list(merges))
@@ -340,7 +340,8 @@ def worker_txt2img(job: dict) -> dict:
     steps, size = job["steps"], job["size"]
     if job["tool"] == "latentgen":
         from latentgen import pipelines
-        from latentgen.checkpoint import load_model, prepack_convs
+        from latentgen.loading.bundle import load_model
+        from latentgen.loading.weights import prepack_convs
 
         bundle = load_model(job["model"], dtype=dtype, low_memory=not job["full"])
         if dtype == torch.float32:  # as the CLI does on CPU (a no-op for layers upcast on use)
@@ -382,7 +383,8 @@ def worker_decode(job: dict) -> dict:
     t0 = time.perf_counter()
     if job["tool"] == "latentgen":
         from latentgen import pipelines
-        from latentgen.checkpoint import load_model, prepack_convs
+        from latentgen.loading.bundle import load_model
+        from latentgen.loading.weights import prepack_convs
 
         bundle = load_model(job["model"], dtype=dtype, low_memory=None)  # the CLI default
         if dtype == torch.float32:
@@ -803,7 +805,7 @@ def main() -> None:
     rep = Report()
     matmul = {"float32": matmul_gflops("float32"), "bfloat16": matmul_gflops("bfloat16", n=512, budget_s=2)}
     bf16 = native_bf16() if args.bf16 == "auto" else args.bf16 == "on"
-    from latentgen.cli import pick_dtype
+    from latentgen.cli.device import pick_dtype
 
     rep.add(
         "# latentgen vs diffusers benchmark",

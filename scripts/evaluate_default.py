@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from latentgen import pipelines
-from latentgen.checkpoint import load_first_stage, load_model
 from latentgen.data import ShapesDataset, check_image
 from latentgen.images import atomic_path
-from latentgen.train import downsample, save_grid
+from latentgen.loading.bundle import load_first_stage, load_model
+from latentgen.training.ldm import downsample
+from latentgen.training.loop import save_grid
 
 ATTRIBUTES = ("background", "colours", "shapes", "sizes", "relation", "count", "all")
 

@@ -89,7 +89,7 @@ if [ "$INSTALL" = 1 ]; then
   # the settings the CLI uses by default for these models (CFG measured by scripts/evaluate_default.py)
   python - "$ASSETS" "${TXT_CFG:-3.0}" <<'PY'
 import json, sys
-from latentgen.checkpoint import read_safetensors, write_safetensors
+from latentgen.loading.safetensors import read_safetensors, write_safetensors
 rec = {"default-txt2img": {"steps": 25, "sampler": "dpmpp_2m", "cfg": float(sys.argv[2]), "width": 64, "height": 64},
        "default-superres": {"steps": 25, "sampler": "dpmpp_2m", "cfg": 1.0}}
 for name, r in rec.items():

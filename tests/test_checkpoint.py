@@ -11,9 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from latentgen.checkpoint import RawCheckpoint, bundle_from_raw, describe, load_model, read_checkpoint
 from latentgen.denoiser import CFGDenoiser, Denoiser, get_sigmas, prepare_noise, to_latent
 from latentgen.errors import CheckpointError, ConfigError
+from latentgen.loading.bundle import bundle_from_raw, describe, load_model
+from latentgen.loading.files import RawCheckpoint, read_checkpoint
 from latentgen.samplers import get_sampler
 
 HEADS = {"sd1-tiny": 4, "sd2-tiny": 4}
@@ -230,7 +231,7 @@ def test_ema_weights(fixtures_dir, tmp_path):
 
 def test_latentgen_format_round_trip(fixtures_dir, fixture_config, tmp_path):
     """save_model writes the original layout + config JSON; the file then needs no config or overrides."""
-    from latentgen.checkpoint import save_model
+    from latentgen.loading.bundle import save_model
 
     b, ref, _ = load_fixture(fixtures_dir, fixture_config, "sd2-tiny")
     out = tmp_path / "mine.safetensors"
@@ -249,7 +250,7 @@ def test_latentgen_format_round_trip(fixtures_dir, fixture_config, tmp_path):
 def test_read_converted_equals_converting_the_mapped_tensors(tmp_path):
     """The dtype conversion at load reads the file with plain reads (no mapped pages kept): the same values as
     converting the memory-mapped tensors, for every stored dtype; a truncated file fails clearly."""
-    from latentgen.checkpoint import read_converted, read_safetensors
+    from latentgen.loading.safetensors import read_converted, read_safetensors
 
     g = torch.Generator().manual_seed(0)
     tensors = {
@@ -273,7 +274,7 @@ def test_read_converted_equals_converting_the_mapped_tensors(tmp_path):
 
 def _half_file(fixtures_dir, fixture_config, tmp_path):
     """The sd1-tiny fixture saved in fp16."""
-    from latentgen.checkpoint import save_model
+    from latentgen.loading.bundle import save_model
 
     bundle, _, _ = load_fixture(fixtures_dir, fixture_config, "sd1-tiny")
     half = tmp_path / "half.safetensors"
@@ -330,7 +331,7 @@ def test_low_memory_auto_upcasts_at_load_only_when_that_fits_easily(
 ):
     """low_memory=None (the CLI default): full fp32 weights when they take under a third of the available memory,
     else weights kept as stored; low memory where the available memory is unknown."""
-    import latentgen.checkpoint as ck
+    import latentgen.loading.bundle as ck
 
     half = _half_file(fixtures_dir, fixture_config, tmp_path)
     fp32_bytes = sum(v.numel() * 4 for v in load_file(str(half)).values() if v.is_floating_point())
@@ -351,7 +352,7 @@ def test_prepacked_convs_compute_what_plain_convs_do():
     from helpers_models import randomize_
     from tiny_models import tiny_unet
 
-    from latentgen.checkpoint import PackedConv2d, prepack_convs, upcast_on_use
+    from latentgen.loading.weights import PackedConv2d, prepack_convs, upcast_on_use
     from latentgen.unet import UNetModel
 
     torch.manual_seed(0)

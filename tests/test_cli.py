@@ -19,9 +19,9 @@ from tiny_models import bert_from_fixture, random_model, sd1_from_fixture
 from typer.testing import CliRunner
 
 from latentgen import pipelines
-from latentgen.checkpoint import load_model
-from latentgen.cli import app
+from latentgen.cli.app import app
 from latentgen.images import read_png_text, to_pil
+from latentgen.loading.bundle import load_model
 from latentgen.pipelines import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -367,9 +367,9 @@ def test_info_and_models(models, workdir):
 
 
 def test_no_default_model_says_pass_model(monkeypatch, workdir):
-    import latentgen.checkpoint
+    import latentgen.loading.layout
 
-    monkeypatch.setattr(latentgen.checkpoint, "builtin_dir", lambda: workdir / "no-assets")
+    monkeypatch.setattr(latentgen.loading.layout, "builtin_dir", lambda: workdir / "no-assets")
     r = cli("txt2img", "x")
     assert r.exit_code == 2 and "--model" in r.stderr
 

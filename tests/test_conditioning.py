@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from latentgen import conditioning as C
 from latentgen.errors import CheckpointError, ConfigError, InputError
+from latentgen.text import clip, tokenizers
+from latentgen.text import config as C
 
 FIXTURES = ("sd1-tiny", "sd2-tiny", "ldm-kl-bert-tiny")
 PROMPTS = [
@@ -164,7 +165,7 @@ def test_from_state_dict_full_size_conventions(fixtures_dir, keys_file, want):
         model = C.build_conditioner(got)
     meta_sd = {k: torch.empty(v.shape, device="meta") for k, v in model.state_dict().items()}
     if got.kind == "open_clip":
-        expected = {**C.clip_to_openclip(meta_sd), "model.text_projection": 0, "model.logit_scale": 0}
+        expected = {**clip.clip_to_openclip(meta_sd), "model.text_projection": 0, "model.logit_scale": 0}
     else:
         expected = {**meta_sd, "transformer.text_model.embeddings.position_ids": 0}
     assert set(expected) == set(sd)
@@ -182,7 +183,7 @@ def test_layouts_convert_both_ways(fixture_data):
         assert all(torch.equal(v, other.original_state_dict()[k]) for k, v in ours.items())
     # OpenCLIP: our SD1-style layout maps back to the original file's tensors exactly
     sd2, _, cfg2 = fixture_data("sd2-tiny")
-    back = C.clip_to_openclip(loaded(sd2, cfg2["text_encoder"]).original_state_dict())
+    back = clip.clip_to_openclip(loaded(sd2, cfg2["text_encoder"]).original_state_dict())
     assert set(back) == set(sd2) - {"model.text_projection", "model.logit_scale"}
     assert all(torch.equal(v, sd2[k]) for k, v in back.items())
 
@@ -274,11 +275,11 @@ def hf_clip_tokenizer(tmp_path_factory):
     return CLIPTokenizer(vocab=str(d / "vocab.json"), merges=str(d / "merges.txt"))
 
 
-@pytest.mark.filterwarnings("ignore::latentgen.conditioning.TruncationWarning")
+@pytest.mark.filterwarnings("ignore::latentgen.text.tokenizers.TruncationWarning")
 def test_clip_tokenizer_matches_transformers(hf_clip_tokenizer):
     want = hf_clip_tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-    with pytest.warns(C.TruncationWarning, match="prompt 9"):
-        got = C.tokenize_clip(PROMPTS)
+    with pytest.warns(tokenizers.TruncationWarning, match="prompt 9"):
+        got = tokenizers.tokenize_clip(PROMPTS)
     assert len(hf_clip_tokenizer) == 49408
     assert got.dtype == torch.long and got.shape == (len(PROMPTS), 77)
     assert torch.equal(got, want["input_ids"])
@@ -286,19 +287,19 @@ def test_clip_tokenizer_matches_transformers(hf_clip_tokenizer):
     assert got[9, -1].item() == 49407 and got[7, -1].item() == 49407  # eos kept last when truncated / full
 
 
-@pytest.mark.filterwarnings("ignore::latentgen.conditioning.TruncationWarning")
+@pytest.mark.filterwarnings("ignore::latentgen.text.tokenizers.TruncationWarning")
 def test_clip_tokenizer_sd2_pads_with_zero(hf_clip_tokenizer):
     want = hf_clip_tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-    got = C.tokenize_clip(PROMPTS, pad_token_id=0)
+    got = tokenizers.tokenize_clip(PROMPTS, pad_token_id=0)
     assert torch.equal(got, want["input_ids"].masked_fill(want["attention_mask"] == 0, 0))
     assert got[1, :3].tolist() == [49406, 49407, 0]
     # diffusers' SD 2 tokenizer (pad '!') agrees where the prompt has no '!'
     from transformers import CLIPTokenizer
 
-    sd2 = CLIPTokenizer(vocab=dict(hf_clip_tokenizer.get_vocab()), merges=C.clip_bpe_vocab()[1], pad_token="!")
+    sd2 = CLIPTokenizer(vocab=dict(hf_clip_tokenizer.get_vocab()), merges=tokenizers.clip_bpe_vocab()[1], pad_token="!")
     plain = [p for p in PROMPTS if "!" not in p]
     ref = sd2(plain, padding="max_length", max_length=77, truncation=True, return_tensors="pt")["input_ids"]
-    assert torch.equal(C.tokenize_clip(plain, pad_token_id=0), ref)
+    assert torch.equal(tokenizers.tokenize_clip(plain, pad_token_id=0), ref)
 
 
 @pytest.mark.parametrize("name, pad", [("sd1-tiny", 49407), ("sd2-tiny", 0)])
@@ -311,10 +312,10 @@ def test_clip_tokenizer_matches_original_tokenizers(fixtures_dir, name, pad):
         text_ids, sample_ids, uncond = (
             f.get_tensor(k) for k in ("in.text.ids", "in.sample.ids", "in.sample.ids_uncond")
         )
-    with pytest.warns(C.TruncationWarning):
-        assert torch.equal(C.tokenize_clip(json.loads(meta["text_prompts"]), pad), text_ids[:2])
-    assert torch.equal(C.tokenize_clip(json.loads(meta["sample_prompts"]), pad), sample_ids)
-    assert torch.equal(C.tokenize_clip([meta["sample_negative"]], pad), uncond)
+    with pytest.warns(tokenizers.TruncationWarning):
+        assert torch.equal(tokenizers.tokenize_clip(json.loads(meta["text_prompts"]), pad), text_ids[:2])
+    assert torch.equal(tokenizers.tokenize_clip(json.loads(meta["sample_prompts"]), pad), sample_ids)
+    assert torch.equal(tokenizers.tokenize_clip([meta["sample_negative"]], pad), uncond)
 
 
 def test_bert_tokenizer_matches_python_bert(tmp_path):
@@ -323,19 +324,19 @@ def test_bert_tokenizer_matches_python_bert(tmp_path):
     vocab_file = tmp_path / "vocab.txt"
     vocab_file.write_bytes(resources.files("latentgen").joinpath("assets", "bert_vocab.txt").read_bytes())
     slow = BertTokenizerLegacy(vocab_file=str(vocab_file), do_lower_case=True)
-    assert len(slow) == C.bert_tokenizer().get_vocab_size() == 30522
+    assert len(slow) == tokenizers.bert_tokenizer().get_vocab_size() == 30522
     for n in (77, 24):  # 24: the shipped default's context, where shapes captions fit and long prompts are cut
         want = slow(PROMPTS, padding="max_length", max_length=n, truncation=True, return_tensors="pt")["input_ids"]
-        with pytest.warns(C.TruncationWarning):
-            got = C.tokenize_bert(PROMPTS, max_length=n)
+        with pytest.warns(tokenizers.TruncationWarning):
+            got = tokenizers.tokenize_bert(PROMPTS, max_length=n)
         assert torch.equal(got, want), n
     lines = vocab_file.read_text().split("\n")
     assert (
-        C.tokenize_bert(["a red circle"])[0, :6].tolist()
+        tokenizers.tokenize_bert(["a red circle"])[0, :6].tolist()
         == [101, lines.index("a"), lines.index("red"), lines.index("circle"), 102, 0]
         == [101, 1037, 2417, 4418, 102, 0]
     )
-    assert C.tokenize_bert([""])[0, :3].tolist() == [101, 102, 0]
+    assert tokenizers.tokenize_bert([""])[0, :3].tolist() == [101, 102, 0]
 
 
 # ------------------------------------------------------------------------------- class / none / API
@@ -409,7 +410,7 @@ def test_encode_and_bfloat16(fixture_data, name):
     cond_sd, ref, cfg = fixture_data(name)
     model = loaded(cond_sd, cfg["text_encoder"])
     if model.kind == "bert":
-        ids = C.tokenize_bert(["a red circle", ""])
+        ids = tokenizers.tokenize_bert(["a red circle", ""])
         assert torch.equal(ids[1, :3], torch.tensor([101, 102, 0]))
         assert torch.equal(model.encode(["a red circle", ""]), model(ids))
     else:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from latentgen.checkpoint import load_model
+from latentgen.loading.bundle import load_model
 
 pytest.importorskip("diffusers")
 

@@ -91,7 +91,7 @@ def test_shared_norm_stats_with_the_whole_input_as_preview_is_plain_group_norm(v
 
 @pytest.fixture(scope="module")
 def default_ae():
-    from latentgen.checkpoint import load_model
+    from latentgen.loading.bundle import load_model
 
     return load_model("default").first_stage
 

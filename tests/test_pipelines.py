@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from latentgen import pipelines
-from latentgen.checkpoint import load_model
+from latentgen.loading.bundle import load_model
 from latentgen.pipelines import Settings
 
 diffusers = pytest.importorskip("diffusers")
@@ -92,7 +92,7 @@ def _tokenizer(pad):
     """transformers' CLIPTokenizer on the shipped BPE vocabulary, for the diffusers pipelines."""
     from transformers import CLIPTokenizer
 
-    from latentgen.conditioning import clip_bpe_vocab
+    from latentgen.text.tokenizers import clip_bpe_vocab
 
     vocab, merges = clip_bpe_vocab()
     tok = CLIPTokenizer(vocab=dict(vocab), merges=list(merges))
@@ -318,9 +318,10 @@ def test_superres_matches_ldm_superresolution_pipeline(tmp_path):
     from test_autoencoder import VQ_F4, diffusers_config, make, vq_to_diffusers
     from test_unet import LDM_SR, build, diffusers_unet2d
 
-    from latentgen.checkpoint import UNET_PREFIX, save_model
-    from latentgen.conditioning import CondConfig, build_conditioner
     from latentgen.config import ModelConfig
+    from latentgen.loading.bundle import save_model
+    from latentgen.loading.layout import UNET_PREFIX
+    from latentgen.text.config import CondConfig, build_conditioner
 
     unet, vq = build(LDM_SR, seed=31), make(VQ_F4, seed=32)
     cfg = ModelConfig(

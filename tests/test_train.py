@@ -16,18 +16,14 @@ import torch
 from safetensors.torch import save_file
 
 from latentgen import pipelines
-from latentgen.checkpoint import load_first_stage, load_model, read_safetensors
 from latentgen.errors import CheckpointError, ConfigError, InputError
-from latentgen.train import (
-    LPIPS,
-    AEOptions,
-    LaplacianPyramidLoss,
-    LDMOptions,
-    load_lpips,
-    read_state,
-    train_autoencoder,
-    train_ldm,
-)
+from latentgen.loading.bundle import load_first_stage, load_model
+from latentgen.loading.safetensors import read_safetensors
+from latentgen.training.autoencoder import train_autoencoder
+from latentgen.training.ldm import train_ldm
+from latentgen.training.losses import LPIPS, LaplacianPyramidLoss, load_lpips
+from latentgen.training.options import AEOptions, LDMOptions
+from latentgen.training.state import read_state
 
 TINY_AE = dict(
     size=16,
@@ -112,7 +108,7 @@ def test_train_ae_vq_via_cli(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from latentgen.cli_train import train_ae
+    from latentgen.cli.train import train_ae
 
     app = typer.Typer()
     app.command("train-ae")(train_ae)
@@ -228,7 +224,7 @@ def test_cached_latents_match_encoding_every_step(tmp_path, tiny_ae, monkeypatch
 def test_time_budget_shrinks_steps(tmp_path, tiny_ae, monkeypatch):
     """--time-budget measures the speed over the probe steps and cuts --steps to what fits; the run then ends
     with a checkpoint of that step, and the log names the step count that reproduces it."""
-    from latentgen.train import Loop
+    from latentgen.training.loop import Loop
 
     monkeypatch.setattr(Loop, "PROBE", (1, 3))
     lines = []
@@ -240,7 +236,7 @@ def test_time_budget_shrinks_steps(tmp_path, tiny_ae, monkeypatch):
 
 
 def test_lr_decay_and_text_length(tmp_path, tiny_ae):
-    from latentgen.train import lr_at
+    from latentgen.training.loop import lr_at
 
     opts = ldm_opts(tmp_path, tiny_ae, cond="text", steps=100, warmup=10, lr_decay="cosine", text_length=16)
     lrs = [lr_at(opts, s) for s in range(100)]
@@ -300,7 +296,8 @@ def test_resume_is_exact_autoencoder(tmp_path):
 
 DDP_SCRIPT = """
 import sys
-from latentgen.train import LDMOptions, train_ldm
+from latentgen.training.ldm import train_ldm
+from latentgen.training.options import LDMOptions
 opts = LDMOptions(**__import__("json").loads(sys.argv[1]))
 train_ldm(opts, log=lambda m: None)
 """
@@ -483,7 +480,7 @@ def test_laplacian_pyramid_loss():
 def test_bad_training_options_one_line(tmp_path, args, match):
     from typer.testing import CliRunner
 
-    from latentgen.cli import app
+    from latentgen.cli.app import app
 
     result = CliRunner().invoke(app, args + ["--data", "shapes:4", "--out", str(tmp_path / "run"), "--steps", "1"])
     assert result.exit_code == 2, result.output

@@ -15,10 +15,11 @@ from helpers_models import randomize_
 from safetensors.torch import load_file, save_file
 
 from latentgen import pipelines
-from latentgen.checkpoint import build_modules, load_model, save_model
-from latentgen.conditioning import CondConfig, clip_to_openclip
 from latentgen.config import ModelConfig
+from latentgen.loading.bundle import build_modules, load_model, save_model
 from latentgen.pipelines import Settings
+from latentgen.text.clip import clip_to_openclip
+from latentgen.text.config import CondConfig
 
 diffusers = pytest.importorskip("diffusers")
 from test_pipelines import _tokenizer, assert_images_match  # noqa: E402
@@ -363,7 +364,7 @@ def test_noise_level_is_checked(x4, tmp_path):
 def _cli(*args):
     from typer.testing import CliRunner
 
-    from latentgen.cli import app
+    from latentgen.cli.app import app
 
     return CliRunner().invoke(app, [str(a) for a in args])
 
@@ -379,8 +380,8 @@ def _png(path, size):
 def test_cli_superres_x4(x4, tmp_path, monkeypatch):
     from PIL import Image
 
-    from latentgen.checkpoint import prepack_convs
     from latentgen.images import read_png_text, to_pil
+    from latentgen.loading.weights import prepack_convs
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))

@@ -13,9 +13,9 @@ import torch
 from helpers_models import randomize_
 
 from latentgen.autoencoder import AutoencoderConfig
-from latentgen.checkpoint import build_modules, load_model, save_model
-from latentgen.conditioning import CondConfig
 from latentgen.config import ModelConfig
+from latentgen.loading.bundle import build_modules, load_model, save_model
+from latentgen.text.config import CondConfig
 from latentgen.unet import UNetConfig
 
 LATENT = 4

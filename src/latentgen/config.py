@@ -3,9 +3,8 @@
 A `ModelConfig` is everything needed to rebuild a latent diffusion model: the UNet, the first stage,
 the conditioning encoder, the noise schedule and how the three are wired (LDM's `conditioning_key`).
 Each part's own dataclass lives beside its module (unet.UNetConfig, autoencoder.AutoencoderConfig,
-conditioning.CondConfig); this file composes them, reads the original CompVis/Stability YAML layout
-(`model.params.unet_config.params` …), and resolves model names through models.toml.
-"""
+text.config.CondConfig); this file composes them and resolves model names through models.toml;
+loading.original_config reads the original CompVis/Stability YAML layout."""
 
 from __future__ import annotations
 
@@ -18,8 +17,6 @@ from typing import Any
 
 from .errors import ConfigError
 
-# LDM calls the sqrt-linear schedule "linear"; diffusers (and we) call it "scaled_linear".
-_LDM_BETA_SCHEDULES = {"linear": "scaled_linear", "cosine": "cosine", "sqrt_linear": "linear"}
 PREDICTIONS = ("eps", "v")
 
 
@@ -27,7 +24,7 @@ PREDICTIONS = ("eps", "v")
 class ModelConfig:
     unet: Any  # unet.UNetConfig
     first_stage: Any  # autoencoder.AutoencoderConfig
-    cond: Any  # conditioning.CondConfig
+    cond: Any  # text.config.CondConfig
     family: str = "ldm"  # sd1 | sd2 | ldm | latentgen
     prediction: str = "eps"
     prediction_source: str = "default"  # metadata | config | option | registry | guess | default
@@ -58,7 +55,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         from .autoencoder import AutoencoderConfig
-        from .conditioning import CondConfig
+        from .text.config import CondConfig
         from .unet import UNetConfig
 
         known = {f.name for f in dataclasses.fields(cls)}
@@ -76,70 +73,6 @@ class ModelConfig:
     def factor(self) -> int:
         return self.first_stage.factor
 
-
-def ldm_params(ldm_config: dict) -> dict:
-    """The `model.params` dict of an original YAML/JSON config (accepts the nested or the bare form)."""
-    node = ldm_config.get("ldm_config", ldm_config)
-    node = node.get("model", node)
-    params = node.get("params", node)
-    if "unet_config" not in params:
-        raise ConfigError("config has no model.params.unet_config: pass an original LDM/SD YAML or JSON config")
-    return params
-
-
-def schedule_from_ldm(params: dict) -> dict:
-    sched = params.get("beta_schedule", "linear")
-    return {
-        "beta_schedule": _LDM_BETA_SCHEDULES.get(sched, sched),
-        "timesteps": int(params.get("timesteps", 1000)),
-        "linear_start": float(params.get("linear_start", 0.00085)),
-        "linear_end": float(params.get("linear_end", 0.012)),
-        "prediction": "v" if params.get("parameterization", "eps") == "v" else "eps",
-        "scale_factor": float(params.get("scale_factor", 1.0)),
-        "conditioning_key": params.get("conditioning_key") or "none",
-    }
-
-
-LOW_SCALE_TARGET = "ldm.modules.diffusionmodules.upscaling.ImageConcatWithNoiseAugmentation"
-
-
-def low_scale_from_ldm(params: dict) -> dict:
-    """ModelConfig fields of an original `low_scale_config` (LatentUpscaleDiffusion); {} when there is none."""
-    node = params.get("low_scale_config")
-    if not node:
-        return {}
-    if node.get("target", LOW_SCALE_TARGET) != LOW_SCALE_TARGET:
-        raise ConfigError(f"low_scale_config target {node.get('target')!r} is not supported; only {LOW_SCALE_TARGET}")
-    p = node.get("params") or {}
-    sched = p.get("noise_schedule_config") or {}
-    kind = sched.get("beta_schedule", "linear")
-    return {
-        "max_noise_level": int(p.get("max_noise_level", 1000)),
-        "low_scale_beta_schedule": _LDM_BETA_SCHEDULES.get(kind, kind),
-        "low_scale_timesteps": int(sched.get("timesteps", 1000)),
-        "low_scale_linear_start": float(sched.get("linear_start", 1e-4)),
-        "low_scale_linear_end": float(sched.get("linear_end", 2e-2)),
-    }
-
-
-def read_config_file(path: str | Path) -> dict:
-    """Read an original LDM config (.yaml/.yml/.json). YAML needs PyYAML, which we do not require."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    text = path.read_text()
-    if path.suffix.lower() == ".json":
-        import json
-
-        return json.loads(text)
-    try:
-        import yaml  # type: ignore[import-untyped]
-    except ImportError as e:
-        raise ConfigError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or pass the config as JSON") from e
-    return yaml.safe_load(text)
-
-
-# ---------------------------------------------------------------------------------------------- registry
 
 BUILTIN_PREFIX = "builtin:"
 

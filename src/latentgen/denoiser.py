@@ -260,7 +260,7 @@ def _append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def network_dtype(net, fallback: torch.dtype = torch.float32) -> torch.dtype:
-    """The dtype `net` computes in: the one checkpoint.upcast_on_use gave it, else its first weight's."""
+    """The dtype `net` computes in: the one loading.weights.upcast_on_use gave it, else its first weight's."""
     if getattr(net, "compute_dtype", None) is not None:  # weights kept in a lower precision (upcast_on_use)
         return net.compute_dtype
     params = getattr(net, "parameters", None)

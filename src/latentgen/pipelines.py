@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from .autoencoder import DiagonalGaussian
-from .checkpoint import ModelBundle, make_low_scale_schedule
 from .denoiser import (
     CFGDenoiser,
     Denoiser,
@@ -31,6 +30,7 @@ from .denoiser import (
     to_latent,
 )
 from .errors import ConfigError, InputError
+from .loading.bundle import ModelBundle, make_low_scale_schedule
 from .samplers import get_sampler, randn
 
 

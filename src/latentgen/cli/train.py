@@ -1,9 +1,6 @@
-"""`latentgen train-ae` and `latentgen train-ldm`: Typer commands over latentgen.train (registered in cli.py).
-
-Argument parsing only; torch is imported inside the commands. Run under `torchrun --nproc_per_node N` for
-data parallelism. Exit codes: 0 done, 130 interrupted (a checkpoint was written), 2 usage error (raised
-as LatentgenError and printed as one line by cli.main).
-"""
+"""`latentgen train-ae` and `latentgen train-ldm`: argument parsing over latentgen.training; torch is imported
+inside the commands. Under `torchrun --nproc_per_node N` for data parallelism. Exit codes: 0 done,
+130 interrupted (a checkpoint was written), 2 usage error."""
 
 from __future__ import annotations
 
@@ -12,7 +9,8 @@ from typing import Optional
 
 import typer
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from .app import command
 
 
 def _floats(text: str, option: str) -> tuple[float, ...]:
@@ -42,29 +40,67 @@ def _finish(result) -> None:
 DataOpt = typer.Option(
     ..., "--data", help="Image folder (captions: NAME.txt or captions.jsonl) or 'shapes[:N[:SEED]]'."
 )
+
+
 OutOpt = typer.Option(None, "--out", help="Output folder (checkpoints, training state, samples).")
+
+
 SizeOpt = typer.Option(64, "--size", help="Training image size in pixels (square crops).")
+
+
 StepsOpt = typer.Option(1000, "--steps", help="Total optimisation steps (a resumed run continues up to this).")
+
+
 BatchOpt = typer.Option(8, "--batch-size", help="Global batch size (all processes together).")
+
+
 MicroOpt = typer.Option(
     None,
     "--micro-batch",
     help="Micro-batch size (default: batch / processes); the global "
     "batch is cut into micro-batches, each with its own random numbers.",
 )
+
+
 WarmupOpt = typer.Option(0, "--warmup", help="Linear learning-rate warm-up steps.")
+
+
 DecayOpt = typer.Option("constant", "--lr-decay", help="After warm-up: constant, or cosine (to lr/10 at --steps).")
+
+
 SeedOpt = typer.Option(0, "--seed", help="Seed of data order, noise and initial weights.")
+
+
 EmaOpt = typer.Option(0.999, "--ema-decay", help="EMA decay; the saved model holds the EMA weights.")
+
+
 SaveOpt = typer.Option(500, "--save-every", help="Write a checkpoint every N steps (and at the end).")
+
+
 SampleOpt = typer.Option(0, "--sample-every", help="Write a sample grid PNG to OUT/samples every N steps (0: never).")
+
+
 LogOpt = typer.Option(10, "--log-every", help="Print progress on stderr every N steps.")
+
+
 Bf16Opt = typer.Option(False, "--bf16", help="bf16 autocast where the device supports it.")
+
+
 ResumeOpt = typer.Option(None, "--resume", help="Continue the run in this folder (same options; --steps may grow).")
+
+
 OverwriteOpt = typer.Option(False, "--overwrite", help="Start over in an --out folder that holds another run.")
+
+
 InitOpt = typer.Option(None, "--init", help="Fine-tune from this checkpoint (any file latentgen loads).")
+
+
 DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK if available).")
+
+
 SaveDtypeOpt = typer.Option("float32", "--save-dtype", help="Storage of the saved model: float32, float16, bfloat16.")
+
+
 BudgetOpt = typer.Option(
     0.0,
     "--time-budget",
@@ -73,6 +109,7 @@ BudgetOpt = typer.Option(
 )
 
 
+@command("train-ae")
 def train_ae(
     data: str = DataOpt,
     reg: str = typer.Option("kl", "--reg", help="Regularisation: kl (KL penalty) or vq (vector quantisation)."),
@@ -126,7 +163,8 @@ def train_ae(
     time_budget: float = BudgetOpt,
 ) -> None:
     """Train a KL or VQ autoencoder (L1 + perceptual + PatchGAN + KL/VQ); writes OUT/autoencoder.safetensors."""
-    from .train import AEOptions, train_autoencoder
+    from ..training.autoencoder import train_autoencoder
+    from ..training.options import AEOptions
 
     opts = AEOptions(
         data=data,
@@ -173,6 +211,7 @@ def train_ae(
     _finish(train_autoencoder(opts))
 
 
+@command("train-ldm")
 def train_ldm(
     data: str = DataOpt,
     ae: Optional[str] = typer.Option(None, "--ae", help="Frozen autoencoder (from train-ae, or any model file)."),
@@ -226,7 +265,7 @@ def train_ldm(
     time_budget: float = BudgetOpt,
 ) -> None:
     """Train a latent diffusion model on a frozen autoencoder; writes OUT/model.safetensors (EMA weights)."""
-    from .train import LDMOptions
+    from ..training.options import LDMOptions
     from .train import train_ldm as run
 
     opts = LDMOptions(

@@ -1,0 +1,527 @@
+"""`latentgen txt2img`, `img2img`, `inpaint` and `superres`."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from ..errors import ConfigError, InputError
+from .app import command, note
+from .batch import base_seed, run_generation
+from .options import (
+    CfgOpt,
+    ClassOpt,
+    ConfigOpt,
+    DeviceOpt,
+    DtypeOpt,
+    EmaOpt,
+    EtaOpt,
+    HeightOpt,
+    JsonOpt,
+    KarrasOpt,
+    LowMemOpt,
+    ModelOpt,
+    NegativeOpt,
+    NumOpt,
+    OutOpt,
+    OverwriteOpt,
+    PredictionOpt,
+    QuietOpt,
+    SamplerOpt,
+    SeedOpt,
+    SpacingOpt,
+    StepsOpt,
+    WidthOpt,
+)
+from .recipe import _recipe, _recipe_run
+from .session import Session
+
+
+@command()
+def txt2img(
+    prompt: Optional[str] = typer.Argument(None, help="The prompt, or - to read prompts / JSON lines from stdin."),
+    negative: Optional[str] = NegativeOpt,
+    model: Optional[str] = ModelOpt,
+    steps: Optional[int] = StepsOpt,
+    sampler: Optional[str] = SamplerOpt,
+    karras: Optional[bool] = KarrasOpt,
+    spacing: Optional[str] = SpacingOpt,
+    cfg: Optional[float] = CfgOpt,
+    eta: Optional[float] = EtaOpt,
+    seed: Optional[int] = SeedOpt,
+    num: int = NumOpt,
+    width: Optional[int] = WidthOpt,
+    height: Optional[int] = HeightOpt,
+    out: Optional[str] = OutOpt,
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+    as_json: bool = JsonOpt,
+    overwrite: bool = OverwriteOpt,
+    quiet: bool = QuietOpt,
+    prediction: Optional[str] = PredictionOpt,
+    config: Optional[str] = ConfigOpt,
+    class_label: Optional[int] = ClassOpt,
+    ema: bool = EmaOpt,
+    low_memory: Optional[bool] = LowMemOpt,
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Regenerate the image whose PNG recipe this is."),
+) -> None:
+    """Generate images from text (or class labels, or nothing for unconditional models)."""
+    rec = _recipe(recipe)
+    if rec:
+        prompt = rec.get("prompt", "") if prompt is None else prompt
+        negative = rec.get("negative", "") if negative is None else negative
+        class_label = rec.get("class") if class_label is None else class_label
+        seed, model, dtype, prediction, ema = _recipe_run(rec, seed, model, dtype, prediction, ema)
+    _check_num(num)
+    sess = Session("txt2img", model, prediction, config, dtype, device, quiet, as_json, overwrite, out, ema, low_memory)
+    from .. import pipelines
+
+    kind = sess.bundle.config.cond.kind
+    if sess.bundle.config.concat is not None:
+        task = "inpaint" if sess.bundle.config.concat == "inpaint" else "superres"
+        raise ConfigError(
+            f"model {sess.bundle.config.name} is an {sess.bundle.config.concat} model: use `latentgen {task}`"
+        )
+    if kind == "class" and class_label is None and prompt != "-":
+        raise ConfigError(
+            f"model {sess.bundle.config.name} is class-conditional: pass --class N "
+            f"(0..{sess.bundle.config.cond.n_classes - 1})"
+        )
+    if kind in ("none", "class") and prompt not in (None, "", "-"):
+        note(f"model {sess.bundle.config.name} takes no text ({kind} conditioning): the prompt is only recorded", quiet)
+    items = sess.read_items(prompt)
+    sess.check_outputs(items, num)
+    defaults = sess.settings(steps, sampler, karras, spacing, cfg, eta, recipe=rec)
+    w0, h0 = sess.size(width, height, rec)
+    pipelines.check_size(sess.bundle, w0, h0)
+    base = base_seed(seed, quiet)
+
+    def make(item, seeds):
+        st = sess.settings(
+            item.get("steps", defaults.steps),
+            item.get("sampler", defaults.sampler),
+            defaults.karras,
+            defaults.spacing,
+            item.get("cfg", defaults.cfg),
+            defaults.eta,
+        )
+        w, h = int(item.get("width", w0)), int(item.get("height", h0))
+        text = item.get("prompt", "")
+        neg = item.get("negative", negative or "")
+        conds = [item.get("class", class_label)] * len(seeds) if kind == "class" else [text] * len(seeds)
+        if kind == "class" and conds[0] is None:
+            raise ConfigError('this model is class-conditional: give the item a "class" or pass --class N')
+        bar = sess.progress(st.steps, text[:40] or "txt2img")
+        try:
+            imgs = pipelines.txt2img(sess.bundle, conds, [neg] * len(seeds), seeds, w, h, st, callback=bar)
+        finally:
+            bar.close()
+        meta = {
+            "task": "txt2img",
+            "prompt": text,
+            "negative": neg,
+            "steps": st.steps,
+            "sampler": st.sampler,
+            "karras": st.karras,
+            "spacing": st.spacing,
+            "cfg": st.cfg,
+            "eta": st.eta,
+            "width": w,
+            "height": h,
+            "prediction": sess.bundle.config.prediction,
+            "model_path": sess.model_path,
+            "ema": ema,
+        }
+        if kind == "class":
+            meta["class"] = conds[0]
+        return imgs, meta
+
+    run_generation(sess, items, base, num, make, {})
+    sess.finish()
+
+
+def _check_num(num: int) -> None:
+    if num < 1:
+        raise ConfigError(f"--num must be at least 1, not {num}")
+
+
+def _check_image_size(sess: Session, x, what: str, scale: int = 1) -> None:
+    """Image sides (× the model's upscaling) must be multiples of the model's size step."""
+    from ..pipelines import size_multiple
+
+    m = size_multiple(sess.bundle) // scale
+    w, h = x.shape[-1], x.shape[-2]
+    if w % m or h % m:
+        raise InputError(
+            f"{what} is {w}x{h}: both sides must be multiples of {m} for model {sess.bundle.config.name} "
+            f"(crop or resize it, e.g. to {max(m, w // m * m)}x{max(m, h // m * m)})"
+        )
+
+
+def _load_input_image(path: str):
+    from ..images import load_image, to_tensor
+
+    return to_tensor(load_image(path))
+
+
+def _parse_extend(extend: Optional[str]) -> tuple[int, int, int, int] | None:
+    if not extend:
+        return None
+    try:
+        vals = tuple(int(v) for v in extend.split(","))
+        if len(vals) != 4 or min(vals) < 0:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"--extend must be four non-negative pixel counts L,T,R,B, not '{extend}'") from None
+    return vals  # type: ignore[return-value]
+
+
+def _outpaint_canvas(image, mask, extend):
+    """Pad the canvas by L,T,R,B (edge colours) and mark the new border for repainting."""
+    import torch.nn.functional as F
+
+    left, top, right, bottom = extend
+    image = F.pad(image, (left, right, top, bottom), mode="replicate")
+    mask = F.pad(mask, (left, right, top, bottom), value=1.0)
+    return image, mask
+
+
+@command()
+def img2img(
+    image: str = typer.Argument(..., help="Input image."),
+    prompt: Optional[str] = typer.Argument(None, help="The prompt, or - for stdin."),
+    strength: float = typer.Option(0.75, "--strength", help="How much to change the image, in (0, 1]."),
+    negative: Optional[str] = NegativeOpt,
+    model: Optional[str] = ModelOpt,
+    steps: Optional[int] = StepsOpt,
+    sampler: Optional[str] = SamplerOpt,
+    karras: Optional[bool] = KarrasOpt,
+    spacing: Optional[str] = SpacingOpt,
+    cfg: Optional[float] = CfgOpt,
+    eta: Optional[float] = EtaOpt,
+    seed: Optional[int] = SeedOpt,
+    num: int = NumOpt,
+    out: Optional[str] = OutOpt,
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+    as_json: bool = JsonOpt,
+    overwrite: bool = OverwriteOpt,
+    quiet: bool = QuietOpt,
+    prediction: Optional[str] = PredictionOpt,
+    config: Optional[str] = ConfigOpt,
+    ema: bool = EmaOpt,
+    low_memory: Optional[bool] = LowMemOpt,
+) -> None:
+    """Change an image towards a prompt (SDEdit: encode, noise to the strength's σ, denoise the tail)."""
+    _check_strength(strength)
+    _check_num(num)
+    init = _load_input_image(image)
+    sess = Session("img2img", model, prediction, config, dtype, device, quiet, as_json, overwrite, out, ema, low_memory)
+    from .. import pipelines
+
+    if sess.bundle.config.concat is not None:
+        raise ConfigError(
+            f"model {sess.bundle.config.name} is an {sess.bundle.config.concat} model: img2img needs an "
+            "ordinary text-to-image model (--model)"
+        )
+    _check_image_size(sess, init, image)
+    items = sess.read_items(prompt)
+    sess.check_outputs(items, num)
+    defaults = sess.settings(steps, sampler, karras, spacing, cfg, eta, strength)
+    base = base_seed(seed, quiet)
+
+    def make(item, seeds):
+        st = sess.settings(
+            item.get("steps", defaults.steps),
+            item.get("sampler", defaults.sampler),
+            defaults.karras,
+            defaults.spacing,
+            item.get("cfg", defaults.cfg),
+            defaults.eta,
+            item.get("strength", strength),
+        )
+        text, neg = item.get("prompt", ""), item.get("negative", negative or "")
+        bar = sess.progress(st.steps, text[:40] or "img2img")
+        try:
+            imgs = pipelines.img2img(
+                sess.bundle,
+                init.expand(len(seeds), -1, -1, -1),
+                [text] * len(seeds),
+                [neg] * len(seeds),
+                seeds,
+                st,
+                callback=bar,
+            )
+        finally:
+            bar.close()
+        return imgs, {
+            "task": "img2img",
+            "prompt": text,
+            "negative": neg,
+            "steps": st.steps,
+            "sampler": st.sampler,
+            "karras": st.karras,
+            "spacing": st.spacing,
+            "cfg": st.cfg,
+            "eta": st.eta,
+            "strength": st.strength,
+            "width": init.shape[-1],
+            "height": init.shape[-2],
+            "init_image": image,
+            "prediction": sess.bundle.config.prediction,
+            "model_path": sess.model_path,
+        }
+
+    run_generation(sess, items, base, num, make, {})
+    sess.finish()
+
+
+def _check_strength(strength: float) -> None:
+    if not 0.0 < strength <= 1.0:
+        raise ConfigError(f"--strength must be in (0, 1], not {strength}")
+
+
+@command()
+def inpaint(
+    image: str = typer.Argument(..., help="Input image."),
+    prompt: Optional[str] = typer.Argument(None, help="The prompt, or - for stdin."),
+    mask: Optional[str] = typer.Option(None, "--mask", help="Mask image: white = repaint, black = keep."),
+    mask_blur: int = typer.Option(0, "--mask-blur", help="Gaussian blur radius for the mask, in pixels."),
+    resize_mask: bool = typer.Option(False, "--resize-mask", help="Resize a mask of another size to the image."),
+    extend: Optional[str] = typer.Option(None, "--extend", help="Outpaint: pad the canvas by L,T,R,B pixels."),
+    strength: float = typer.Option(1.0, "--strength", help="For the repainted region, in (0, 1]."),
+    negative: Optional[str] = NegativeOpt,
+    model: Optional[str] = ModelOpt,
+    steps: Optional[int] = StepsOpt,
+    sampler: Optional[str] = SamplerOpt,
+    karras: Optional[bool] = KarrasOpt,
+    spacing: Optional[str] = SpacingOpt,
+    cfg: Optional[float] = CfgOpt,
+    eta: Optional[float] = EtaOpt,
+    seed: Optional[int] = SeedOpt,
+    num: int = NumOpt,
+    out: Optional[str] = OutOpt,
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+    as_json: bool = JsonOpt,
+    overwrite: bool = OverwriteOpt,
+    quiet: bool = QuietOpt,
+    prediction: Optional[str] = PredictionOpt,
+    config: Optional[str] = ConfigOpt,
+    ema: bool = EmaOpt,
+    low_memory: Optional[bool] = LowMemOpt,
+) -> None:
+    """Repaint the white part of a mask (or the border added by --extend)."""
+    import torch
+
+    _check_strength(strength)
+    ext = _parse_extend(extend)
+    if mask is None and ext is None:
+        raise ConfigError("inpaint needs --mask MASK or --extend L,T,R,B")
+    if mask_blur < 0:
+        raise ConfigError(f"--mask-blur must be >= 0, not {mask_blur}")
+    _check_num(num)
+    from ..images import load_image, to_tensor
+
+    init = _load_input_image(image)
+    if mask is not None:
+        m_im = load_image(mask, mode="L")
+        size = (init.shape[-1], init.shape[-2])
+        if m_im.size != size:
+            if not resize_mask:
+                raise InputError(
+                    f"mask {mask} is {m_im.size[0]}x{m_im.size[1]} but the image is {size[0]}x{size[1]}: "
+                    "pass a mask of the same size or --resize-mask"
+                )
+            m_im = m_im.resize(size)
+        if mask_blur:
+            from PIL import ImageFilter
+
+            m_im = m_im.filter(ImageFilter.GaussianBlur(mask_blur))
+        m = to_tensor(m_im)
+    else:
+        m = torch.zeros_like(init[:, :1])
+    if ext is not None:
+        init, m = _outpaint_canvas(init, m, ext)
+    sess = Session("inpaint", model, prediction, config, dtype, device, quiet, as_json, overwrite, out, ema, low_memory)
+    from .. import pipelines
+
+    if sess.bundle.config.concat == "lowres":
+        raise ConfigError(f"model {sess.bundle.config.name} is a super-resolution model: use `latentgen superres`")
+    _check_image_size(sess, init, image + (f" extended by {extend}" if extend else ""))
+    items = sess.read_items(prompt)
+    sess.check_outputs(items, num)
+    defaults = sess.settings(steps, sampler, karras, spacing, cfg, eta, strength)
+    base = base_seed(seed, quiet)
+
+    def make(item, seeds):
+        st = sess.settings(
+            item.get("steps", defaults.steps),
+            item.get("sampler", defaults.sampler),
+            defaults.karras,
+            defaults.spacing,
+            item.get("cfg", defaults.cfg),
+            defaults.eta,
+            item.get("strength", strength),
+        )
+        text, neg = item.get("prompt", ""), item.get("negative", negative or "")
+        n = len(seeds)
+        bar = sess.progress(st.steps, text[:40] or "inpaint")
+        try:
+            imgs = pipelines.inpaint(
+                sess.bundle,
+                init.expand(n, -1, -1, -1),
+                m.expand(n, -1, -1, -1),
+                [text] * n,
+                [neg] * n,
+                seeds,
+                st,
+                callback=bar,
+            )
+        finally:
+            bar.close()
+        return imgs, {
+            "task": "inpaint",
+            "prompt": text,
+            "negative": neg,
+            "steps": st.steps,
+            "sampler": st.sampler,
+            "karras": st.karras,
+            "spacing": st.spacing,
+            "cfg": st.cfg,
+            "eta": st.eta,
+            "strength": st.strength,
+            "width": init.shape[-1],
+            "height": init.shape[-2],
+            "init_image": image,
+            "mask": mask,
+            "mask_blur": mask_blur,
+            "extend": extend,
+            "prediction": sess.bundle.config.prediction,
+            "model_path": sess.model_path,
+        }
+
+    run_generation(sess, items, base, num, make, {})
+    sess.finish()
+
+
+@command()
+def superres(
+    image: Optional[str] = typer.Argument(None, help="Low-resolution input image (default with --recipe: its input)."),
+    scale: Optional[int] = typer.Option(
+        None, "--scale", help="Upscaling factor; must equal the model's (4 for LDM-SR)."
+    ),
+    prompt: Optional[str] = typer.Option(
+        None, "--prompt", "-p", help="What the image shows (text-guided upscalers: the SD 2 x4)."
+    ),
+    negative: Optional[str] = NegativeOpt,
+    cfg: Optional[float] = CfgOpt,
+    noise_level: Optional[int] = typer.Option(
+        None,
+        "--noise-level",
+        help="SD 2 x4 upscaler: noise added to the low-res image, 0..max_noise_level (350); default 20.",
+    ),
+    model: Optional[str] = ModelOpt,
+    steps: Optional[int] = StepsOpt,
+    sampler: Optional[str] = SamplerOpt,
+    karras: Optional[bool] = KarrasOpt,
+    spacing: Optional[str] = SpacingOpt,
+    eta: Optional[float] = EtaOpt,
+    seed: Optional[int] = SeedOpt,
+    num: int = NumOpt,
+    out: Optional[str] = OutOpt,
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+    as_json: bool = JsonOpt,
+    overwrite: bool = OverwriteOpt,
+    quiet: bool = QuietOpt,
+    prediction: Optional[str] = PredictionOpt,
+    config: Optional[str] = ConfigOpt,
+    ema: bool = EmaOpt,
+    low_memory: Optional[bool] = LowMemOpt,
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Regenerate the image whose PNG recipe this is."),
+) -> None:
+    """Upscale an image: LDM-SR (low-res image concatenated to the latent) or the SD 2 x4 upscaler (also guided
+    by --prompt, its input noised to --noise-level)."""
+    from ..config import load_registry
+
+    rec = _recipe(recipe)
+    if rec:
+        if rec.get("task") != "superres":
+            raise InputError(
+                f"{recipe}: is a {rec.get('task')} image, not a superres one: pass a PNG made by `latentgen superres`"
+            )
+        image = image or rec.get("init_image")
+        prompt = rec.get("prompt", "") if prompt is None else prompt
+        negative = rec.get("negative", "") if negative is None else negative
+        noise_level = rec.get("noise_level") if noise_level is None else noise_level
+        seed, model, dtype, prediction, ema = _recipe_run(rec, seed, model, dtype, prediction, ema)
+    if image is None:
+        raise ConfigError("superres needs an IMAGE argument (or --recipe PNG)")
+    if model is None:
+        model = load_registry().get("default_superres") or model
+    _check_num(num)
+    low = _load_input_image(image)
+    sess = Session(
+        "superres", model, prediction, config, dtype, device, quiet, as_json, overwrite, out, ema, low_memory
+    )
+    from .. import pipelines
+
+    name = sess.bundle.config.name
+    if sess.bundle.config.concat != "lowres":
+        raise ConfigError(
+            f"model {name} is not a super-resolution model (pass --model with an LDM-SR or SD 2 x4 upscaler checkpoint)"
+        )
+    level = pipelines.noise_level_for(sess.bundle, noise_level)
+    text_guided = sess.bundle.config.cond.kind != "none"
+    if not text_guided and (prompt or negative or cfg not in (None, 1.0)):
+        raise ConfigError(
+            f"model {name} takes no text: --prompt, --negative and --cfg need a text-guided upscaler (the SD 2 x4)"
+        )
+    f = sess.bundle.config.factor
+    if scale is not None and scale != f:
+        raise ConfigError(f"--scale {scale}: model {name} upscales by {f}")
+    _check_image_size(sess, low, image, scale=f)
+    sess.check_outputs([{}], num)
+    defaults = sess.settings(steps, sampler, karras, spacing, cfg if text_guided else 1.0, eta, recipe=rec)
+    base = base_seed(seed, quiet)
+    text, neg = prompt or "", negative or ""
+
+    def make(item, seeds):
+        n = len(seeds)
+        bar = sess.progress(defaults.steps, text[:40] or "superres")
+        try:
+            imgs = pipelines.superres(
+                sess.bundle,
+                low.expand(n, -1, -1, -1),
+                seeds,
+                defaults,
+                callback=bar,
+                prompts=[text] * n,
+                negatives=[neg] * n,
+                noise_level=level,
+            )
+        finally:
+            bar.close()
+        return imgs, {
+            "task": "superres",
+            "prompt": text,
+            "negative": neg,
+            "steps": defaults.steps,
+            "sampler": defaults.sampler,
+            "karras": defaults.karras,
+            "spacing": defaults.spacing,
+            "cfg": defaults.cfg,
+            "eta": defaults.eta,
+            "noise_level": level,
+            "width": low.shape[-1] * f,
+            "height": low.shape[-2] * f,
+            "init_image": image,
+            "prediction": sess.bundle.config.prediction,
+            "model_path": sess.model_path,
+            "ema": ema,
+        }
+
+    run_generation(sess, [{"prompt": text}], base, num, make, {})
+    sess.finish()

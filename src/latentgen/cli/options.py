@@ -1,0 +1,87 @@
+"""The options the generation commands share (Typer option objects)."""
+
+from __future__ import annotations
+
+import typer
+
+PredictionOpt = typer.Option(None, "--prediction", help="Override what the model predicts: eps or v.")
+
+
+ConfigOpt = typer.Option(None, "--config", help="Original LDM/SD config (.yaml or .json) for this checkpoint.")
+
+
+ModelOpt = typer.Option(
+    None, "--model", "-m", help="Checkpoint file, diffusers folder or models.toml name (default: the registry default)."
+)
+
+
+NegativeOpt = typer.Option(None, "--negative", "-n", help="Negative prompt (classifier-free guidance).")
+
+
+StepsOpt = typer.Option(None, "--steps", help="Sampling steps (default: the model's recommendation, else 25).")
+
+
+SamplerOpt = typer.Option(None, "--sampler", help="ddim, plms, euler, euler_a, heun, dpmpp_2m, dpmpp_2m_sde, ddpm.")
+
+
+KarrasOpt = typer.Option(None, "--karras/--no-karras", help="Karras et al. (2022) σ schedule (default: on).")
+
+
+SpacingOpt = typer.Option(None, "--spacing", help="Timestep spacing: leading (SD), trailing or linspace.")
+
+
+CfgOpt = typer.Option(None, "--cfg", help="Classifier-free guidance scale; 1 disables the unconditional pass.")
+
+
+EtaOpt = typer.Option(None, "--eta", help="DDIM η (0 = deterministic).")
+
+
+SeedOpt = typer.Option(None, "--seed", help="Seed S; image i uses S+i. Random when omitted (always printed).")
+
+
+NumOpt = typer.Option(1, "--num", help="Images per prompt.")
+
+
+WidthOpt = typer.Option(None, "--width", help="Image width in pixels (multiple of the model's factor).")
+
+
+HeightOpt = typer.Option(None, "--height", help="Image height in pixels.")
+
+
+OutOpt = typer.Option(
+    None,
+    "--out",
+    "-o",
+    help="Output path or pattern: {index}, {seed}, {prompt}, {i}, {model} (e.g. out/{index:05d}-{seed}.png).",
+)
+
+
+DtypeOpt = typer.Option("auto", "--dtype", help="auto, fp32, bf16 or fp16.")
+
+
+DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or mps.")
+
+
+JsonOpt = typer.Option(False, "--json", help="Print one JSON record per image instead of its path.")
+
+
+OverwriteOpt = typer.Option(False, "--overwrite", help="Replace existing output files.")
+
+
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress or notes on stderr.")
+
+
+ClassOpt = typer.Option(None, "--class", help="Class label for class-conditional models.")
+
+
+EmaOpt = typer.Option(False, "--ema", help="Use the checkpoint's EMA weights (model_ema.*).")
+
+
+LowMemOpt = typer.Option(
+    None,
+    "--low-memory/--full-weights",
+    show_default=False,
+    help="CPU, fp32: keep an fp16/bf16 file's weights as stored and upcast each layer's as it "
+    "runs (about half the memory, about 10% slower), or upcast them all at load. Default: full "
+    "weights when they take under a third of the available memory.",
+)

@@ -1,0 +1,107 @@
+"""How weights are held while a model runs: upcast on use (fp16/bf16 storage, fp32 compute, one layer at a
+time) and convolution weights prepacked once into oneDNN's blocked layout for CPU fp32 generation."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+
+class _Upcast(nn.Module):
+    """Parametrization: a weight kept in its stored precision, used in the compute dtype."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w.to(self.dtype)
+
+
+def upcast_on_use(module: nn.Module, dtype: torch.dtype) -> None:
+    """Leave `module`'s floating weights in their stored precision and hand each to its user upcast to `dtype`
+    (a torch parametrization, so direct `.weight` reads are covered too); buffers become `dtype`. fp16 / bf16
+    → fp32 is exact, so outputs equal those of an upcast copy of the model. `module.compute_dtype` records `dtype`
+    for the code that picks input dtypes."""
+    from torch.nn.utils import parametrize
+
+    for m in list(module.modules()):
+        for name, p in list(m._parameters.items()):
+            if p is not None and p.is_floating_point() and p.dtype != dtype:
+                parametrize.register_parametrization(m, name, _Upcast(dtype), unsafe=True)
+        for name, b in list(m._buffers.items()):
+            if b is not None and b.is_floating_point():
+                m._buffers[name] = b.to(dtype)
+    module.compute_dtype = dtype
+
+
+class PackedConv2d(nn.Conv2d):
+    """Inference-only Conv2d for fp32 on CPU: the weight is held once, in oneDNN's blocked layout, instead of being
+    reordered into it on every call (F.conv2d does that; measured at SD 1.5 size: 2x faster 3x3 convs at 16x16
+    and 8x8, 10-15% at 32x32 and 64x64). Packed on the first call, for that call's input shape; other shapes
+    still work. `.weight` and `state_dict()` give a dense copy. Made by :func:`prepack_convs`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled():
+            return self._conv_forward(x, self.weight, self.bias)
+        if "weight" in self._parameters:  # first call: the dense weight gives way to the packed one
+            w = self._parameters.pop("weight").detach()
+            self.packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                w.contiguous().to_mkldnn(),
+                list(self.padding),
+                list(self.stride),
+                list(self.dilation),
+                self.groups,
+                list(x.shape),
+            )
+        return torch.ops.mkldnn._convolution_pointwise(
+            x,
+            self.packed,
+            self.bias,
+            list(self.padding),
+            list(self.stride),
+            list(self.dilation),
+            self.groups,
+            "none",
+            [],
+            "",
+        )
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._parameters["weight"] if "weight" in self._parameters else self.packed.to_dense()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if "weight" not in self._parameters:
+            destination[prefix + "weight"] = self.weight
+
+
+@functools.cache
+def _packing_works() -> bool:
+    """Whether this torch build runs PackedConv2d (oneDNN's packed-weight ops)."""
+    try:
+        conv = PackedConv2d(1, 1, 1).requires_grad_(False)
+        with torch.no_grad():
+            return bool(conv(torch.ones(1, 1, 2, 2)).shape == (1, 1, 2, 2))
+    except Exception:
+        return False
+
+
+def prepack_convs(module: nn.Module) -> nn.Module:
+    """Turn `module`'s plain fp32 CPU Conv2d layers (not those upcast on use) into :class:`PackedConv2d`, for
+    generation: never for training, and the module's weights must not change afterwards."""
+    if not _packing_works():
+        return module
+    for m in module.modules():
+        if (
+            type(m) is nn.Conv2d
+            and m.padding_mode == "zeros"
+            and not isinstance(m.padding, str)
+            and m.weight.dtype == torch.float32
+            and m.weight.device.type == "cpu"
+        ):
+            m.__class__ = PackedConv2d
+    return module
