@@ -367,9 +367,9 @@ def test_info_and_models(models, workdir):
 
 
 def test_no_default_model_says_pass_model(monkeypatch, workdir):
-    import latentgen.loading.layout
+    import latentgen.loading.files
 
-    monkeypatch.setattr(latentgen.loading.layout, "builtin_dir", lambda: workdir / "no-assets")
+    monkeypatch.setattr(latentgen.loading.files, "builtin_dir", lambda: workdir / "no-assets")
     r = cli("txt2img", "x")
     assert r.exit_code == 2 and "--model" in r.stderr
 

@@ -54,7 +54,7 @@ def models(as_json: bool = typer.Option(False, "--json", help="One JSON object p
     from pathlib import Path
 
     from ..config import BUILTIN_PREFIX, load_registry
-    from ..loading.layout import builtin_dir
+    from ..loading.files import builtin_dir
 
     reg = load_registry()
     for name, entry in sorted(reg["models"].items()):

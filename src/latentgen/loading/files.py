@@ -9,7 +9,7 @@ from pathlib import Path
 from ..config import BUILTIN_PREFIX
 from ..errors import CheckpointError
 from .diffusers import read_diffusers_folder
-from .layout import FIRST_STAGE_PREFIX, FORMAT_TAG, UNET_PREFIX, builtin_dir
+from .layout import FIRST_STAGE_PREFIX, FORMAT_TAG, UNET_PREFIX
 from .safetensors import read_safetensors
 
 
@@ -42,3 +42,7 @@ def read_checkpoint(path: str | Path) -> RawCheckpoint:
                 "an autoencoder (a diffusers UNet alone is not enough: pass the whole diffusers folder)"
             )
     return RawCheckpoint(str(p), fmt, tensors, meta)
+
+
+def builtin_dir() -> Path:
+    return Path(__file__).resolve().parents[1] / "assets"  # src/latentgen/assets

@@ -4,7 +4,6 @@ one part of a checkpoint into its module, and where the shipped models live."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from torch import nn
 
@@ -48,10 +47,6 @@ LOW_SCALE_PREFIX = "low_scale_model."
 
 
 IGNORED_PREFIXES = ("model_ema.", "first_stage_model.loss.", LOW_SCALE_PREFIX, "loss.")
-
-
-def builtin_dir() -> Path:
-    return Path(__file__).resolve().parents[1] / "assets"  # src/latentgen/assets
 
 
 def split_prefix(sd: dict, prefix: str) -> dict:
