@@ -265,8 +265,8 @@ def train_ldm(
     time_budget: float = BudgetOpt,
 ) -> None:
     """Train a latent diffusion model on a frozen autoencoder; writes OUT/model.safetensors (EMA weights)."""
+    from ..training.ldm import train_ldm as run
     from ..training.options import LDMOptions
-    from .train import train_ldm as run
 
     opts = LDMOptions(
         data=data,
