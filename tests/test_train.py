@@ -295,41 +295,80 @@ def test_resume_is_exact_autoencoder(tmp_path):
 
 
 DDP_SCRIPT = """
-import sys
-from latentgen.training.ldm import train_ldm
-from latentgen.training.options import LDMOptions
-opts = LDMOptions(**__import__("json").loads(sys.argv[1]))
-train_ldm(opts, log=lambda m: None)
+import json, sys
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from latentgen.training import autoencoder, ldm
+from latentgen.training.options import AEOptions, LDMOptions
+kind, opts = sys.argv[1], json.loads(sys.argv[2])
+wrapped = []
+for trainer in (autoencoder.AETrainer, ldm.LDMTrainer):
+    init = trainer.__post_init__
+    def post(self, init=init):
+        init(self)
+        wrapped.extend(type(v).__name__ for k, v in vars(self).items() if k.endswith("_ddp"))
+    trainer.__post_init__ = post
+if kind == "ae":
+    res = autoencoder.train_autoencoder(AEOptions(**opts), log=lambda m: None)
+else:
+    res = ldm.train_ldm(LDMOptions(**opts), log=lambda m: None)
+print(json.dumps({"wrapped": wrapped, "losses": res.losses}))
 """
+
+
+def _torchrun(tmp_path: Path, kind: str, opts) -> dict:
+    """Run a trainer in 2 gloo processes: the class names of the modules it called for its training passes
+    ("wrapped") and rank 0's losses."""
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*cmd, str(script), kind, json.dumps(vars(opts))], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    wa, wb = _state_weights(a), _state_weights(b)
+    assert wa.keys() == wb.keys()
+    worst = max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
+    assert worst < 1e-5, worst
 
 
 @pytest.mark.parametrize("cache", [False, True])
 def test_two_gloo_processes_equal_one_process(tmp_path, tiny_ae, cache):
-    """With --cache-latents each process encodes half of the items and both gather the whole cache."""
+    """train-ldm under DistributedDataParallel (UNet and BERT each wrapped; BERT's unused to_logits left out):
+    2 processes compute what 1 process computes with the same global batch. With --cache-latents each process
+    encodes half of the items and both gather the whole cache."""
     kw = dict(cond="text", steps=3, batch_size=4, lr=1e-3, cond_drop=0.5, cache_latents=cache)
     one = ldm_opts(tmp_path, tiny_ae, out=str(tmp_path / "one"), micro_batch=2, **kw)
     train_ldm(one, **QUIET)
-    two = dict(vars(ldm_opts(tmp_path, tiny_ae, out=str(tmp_path / "two"), **kw)))
-    script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(script),
-        json.dumps(two),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = _state_weights(tmp_path / "one"), _state_weights(tmp_path / "two")
-    assert a.keys() == b.keys()
-    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-    assert worst < 1e-5, worst
+    run = _torchrun(tmp_path, "ldm", ldm_opts(tmp_path, tiny_ae, out=str(tmp_path / "two"), **kw))
+    assert run["wrapped"] == ["DistributedDataParallel", "DistributedDataParallel"]
+    _same_weights(tmp_path / "one", tmp_path / "two")
     assert read_state(tmp_path / "two").step == 3
+
+
+def test_two_gloo_processes_equal_one_process_autoencoder(tmp_path):
+    """train-ae under DistributedDataParallel, the discriminator from step 0 (the adaptive weight's autograd.grad
+    on the wrapped decoder's last layer, the hinge loss as one wrapped forward), two micro-batches per process
+    accumulated under no_sync: 2 processes give the losses and weights 1 process gives with the same global batch.
+    (Biases whose gradient is zero in exact arithmetic, e.g. before a one-channel GroupNorm, get Adam steps from
+    rounding noise that differs with the summation order; the discriminator's BatchNorm statistics are per
+    process. Both are compared by what they affect: the losses.)"""
+    kw = dict(TINY_AE, data="shapes:8", steps=3, batch_size=8, micro_batch=2, lr=1e-3, disc_start=0)
+    one = train_autoencoder(AEOptions(out=str(tmp_path / "one"), **kw), **QUIET)
+    run = _torchrun(tmp_path, "ae", AEOptions(out=str(tmp_path / "two"), **kw))
+    assert run["wrapped"] == ["DistributedDataParallel", "DistributedDataParallel"]
+    assert [r["step"] for r in run["losses"]] == [1, 2, 3] and "d" in run["losses"][0]
+    for a, b in zip(one.losses, run["losses"]):
+        assert a.keys() == b.keys()
+        assert all(abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])) for k in a), (a, b)
+    wa, wb = _state_weights(tmp_path / "one"), _state_weights(tmp_path / "two")
+    for k in ("model.ae.decoder.conv_out.weight", "model.disc.main.0.weight", "ema.ae.encoder.conv_in.weight"):
+        assert (wa[k] - wb[k]).abs().max().item() < 1e-5, k
 
 
 # ----------------------------------------------------------------------------- crash safety, Ctrl-C

@@ -114,3 +114,6 @@ class BERTEmbedder(_Conditioner):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.transformer(ids)
+
+    def unused_in_forward(self) -> list[nn.Parameter]:
+        return list(self.transformer.to_logits.parameters())

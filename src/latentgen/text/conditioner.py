@@ -72,6 +72,10 @@ class _Conditioner(nn.Module):
         """Context ``[B, L, D]`` for a list of prompts (or class labels)."""
         return self(self.tokenize(prompts_or_labels).to(self._device()))
 
+    def unused_in_forward(self) -> list[nn.Parameter]:
+        """Parameters the checkpoint holds but `forward` never uses (training leaves them out)."""
+        return []
+
     def original_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights as our checkpoints store them under ``cond_stage_model.``."""
         return {k: v.detach().contiguous() for k, v in self.state_dict().items()}

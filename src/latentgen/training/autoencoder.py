@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,7 +16,7 @@ from ..errors import ConfigError
 from .batches import BatchStream, MicroPlan, open_data, plan_micro_batches, step_seed
 from .distributed import Dist, autocast, setup_distributed
 from .loop import Loop, cast_copy, deadline, lr_at, save_grid, set_lr, stderr_log
-from .losses import NLayerDiscriminator, adaptive_weight, hinge_d_loss, perceptual_loss, perceptual_name
+from .losses import HingeLoss, NLayerDiscriminator, adaptive_weight, perceptual_loss, perceptual_name
 from .options import AE_FILE, STATE_FILE, AEOptions, TrainResult, check_run_options
 from .state import EMA, check_resume, prepare_out, save_state
 
@@ -63,14 +63,20 @@ class AETrainer:
     opt_ae: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer
     ema: EMA
+    ae_ddp: nn.Module = field(init=False)  # the autoencoder under DistributedDataParallel (itself in one process)
+    disc_ddp: nn.Module = field(init=False)  # the discriminator's hinge loss, likewise
+
+    def __post_init__(self) -> None:
+        self.ae_ddp = self.dist.wrap(self.ae)
+        self.disc_ddp = self.dist.wrap(HingeLoss(self.disc))
 
     def generator_loss(self, x: torch.Tensor, g: torch.Generator, step: int):
         """taming LPIPSWithDiscriminator / VQLPIPSWithDiscriminator, optimizer_idx 0."""
         opts = self.opts
         if opts.reg == "kl":
-            rec, posterior = self.ae(x, sample_posterior=True, generator=g)
+            rec, posterior = self.ae_ddp(x, sample_posterior=True, generator=g)
         else:
-            rec, qloss, _ = self.ae(x)
+            rec, qloss, _ = self.ae_ddp(x)
         rec_loss = (x - rec).abs()
         if opts.l2_weight:
             rec_loss = rec_loss + opts.l2_weight * (x - rec).pow(2)
@@ -101,29 +107,28 @@ class AETrainer:
         self.opt_ae.zero_grad(set_to_none=True)
         self.disc.requires_grad_(False)
         recs, totals = {}, {}
-        for j in plan.mine:
+        for n, j in enumerate(plan.mine):
             x = self.stream.items(indices[j * plan.size : (j + 1) * plan.size])["image"].to(dist.device)
             g = torch.Generator().manual_seed(step_seed(opts.seed, step, j))
-            with autocast(dist, opts.bf16):
-                loss, rec, terms = self.generator_loss(x, g, step)
-            (loss / len(plan.mine)).backward()
+            with dist.accumulating(self.ae_ddp, last=n == len(plan.mine) - 1):
+                with autocast(dist, opts.bf16):
+                    loss, rec, terms = self.generator_loss(x, g, step)
+                (loss / len(plan.mine)).backward()
             recs[j] = (x, rec)
             for k, v in {"loss": loss.item(), **terms}.items():
                 totals[k] = totals.get(k, 0.0) + v / len(plan.mine)
-        ae_params = [p for p in self.ae.parameters() if p.requires_grad]
-        dist.average_grads(ae_params)
         self.opt_ae.step()
         self.ema.update(self.ae)
         if step >= opts.disc_start:
             self.disc.requires_grad_(True)
             self.opt_d.zero_grad(set_to_none=True)
-            for j in plan.mine:
+            for n, j in enumerate(plan.mine):
                 x, rec = recs[j]
-                with autocast(dist, opts.bf16):
-                    d_loss = hinge_d_loss(self.disc(x), self.disc(rec))
-                (d_loss / len(plan.mine)).backward()
+                with dist.accumulating(self.disc_ddp, last=n == len(plan.mine) - 1):
+                    with autocast(dist, opts.bf16):
+                        d_loss = self.disc_ddp(x, rec)
+                    (d_loss / len(plan.mine)).backward()
                 totals["d"] = totals.get("d", 0.0) + d_loss.item() / len(plan.mine)
-            dist.average_grads(list(self.disc.parameters()))
             self.opt_d.step()
         return totals
 

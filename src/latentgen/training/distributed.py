@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 
@@ -19,19 +20,30 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
-    def average_grads(self, params: list[nn.Parameter]) -> None:
-        """Mean of the gradients over ranks (what DistributedDataParallel does), one flat all-reduce."""
-        if self.world == 1 or not params:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
-        torch.distributed.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
-            offset += n
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """`DistributedDataParallel` over the module's trainable parameters when there are several processes:
+        bucketed all-reduces of the mean gradient, overlapped with the backward pass. The module itself in one
+        process, or when nothing in it is trained. Call the result for the forward passes whose backward
+        trains the module; its `.module` (or the module itself) for anything else."""
+        if self.world == 1 or not any(p.requires_grad for p in module.parameters()):
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+
+    @staticmethod
+    def accumulating(*wrapped: nn.Module, last: bool) -> contextlib.ExitStack:
+        """Around the forward and backward of one micro-batch: every micro-batch but the last of a step runs
+        under `no_sync`, so gradients accumulate locally and the last backward all-reduces their sum once."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        stack = contextlib.ExitStack()
+        if not last:
+            for m in wrapped:
+                if isinstance(m, DistributedDataParallel):
+                    stack.enter_context(m.no_sync())
+        return stack
 
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         if self.world == 1 or not values:

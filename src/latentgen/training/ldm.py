@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -141,6 +141,11 @@ class LDMTrainer:
     emas: dict
     classes: list[str] | None = None
     cache: dict | None = None  # --cache-latents: {"enc": every item's encoder output, "captions": [...]}
+    unet_ddp: nn.Module = field(init=False)  # the UNet under DistributedDataParallel (itself in one process)
+    cond_ddp: nn.Module = field(init=False)  # the conditioning stage, likewise where it is trained
+
+    def __post_init__(self) -> None:
+        self.unet_ddp, self.cond_ddp = self.dist.wrap(self.unet), self.dist.wrap(self.cond)
 
     @torch.no_grad()
     def fill_cache(self) -> None:
@@ -201,16 +206,16 @@ class LDMTrainer:
         if kind == "bert" and self.cache is not None:  # fill_cache tokenized every caption
             ids = self.cache["ids"][torch.tensor(batch["index"])]
             ids = torch.where(drop[:, None], self.cache["empty"], ids)
-            kw["context"] = self.cond(ids.to(self.dist.device))
+            kw["context"] = self.cond_ddp(ids.to(self.dist.device))
         elif kind == "bert":
             prompts = ["" if d else c for c, d in zip(batch["caption"], drop.tolist())]
-            kw["context"] = self.cond(self.cond.tokenize(prompts).to(self.dist.device))
+            kw["context"] = self.cond_ddp(self.cond.tokenize(prompts).to(self.dist.device))
         elif kind == "class":
             labels = [
                 self.cfg.cond.null_label if d else class_label(self.stream.dataset, self.classes, c)
                 for c, d in zip(batch["caption"], drop.tolist())
             ]
-            kw["context"] = self.cond(torch.tensor(labels, device=self.dist.device))
+            kw["context"] = self.cond_ddp(torch.tensor(labels, device=self.dist.device))
         if self.cfg.concat == "lowres":
             kw["concat"] = self.lowres(x)
         elif self.cfg.concat == "inpaint":
@@ -229,7 +234,7 @@ class LDMTrainer:
         set_lr(self.opt, lr_at(opts, step))
         self.opt.zero_grad(set_to_none=True)
         total = 0.0
-        for j in plan.mine:
+        for n, j in enumerate(plan.mine):
             mine = indices[j * plan.size : (j + 1) * plan.size]
             if self.cache is not None and self.cfg.concat is None:  # no image needed
                 batch, x = {"caption": [self.cache["captions"][i] for i in mine], "index": mine}, None
@@ -237,14 +242,13 @@ class LDMTrainer:
                 batch = self.stream.items(mine)
                 x = batch["image"].to(dist.device)
             g = torch.Generator().manual_seed(step_seed(opts.seed, step, j))
-            with autocast(dist, opts.bf16):
-                kw = self.conditioning(batch, x, g)
-                z0 = self.latents(x, g, batch["index"])
-                loss = training_loss(self.unet, self.schedule, self.cfg.prediction, z0, kw, g)
-            (loss / len(plan.mine)).backward()
+            with dist.accumulating(self.unet_ddp, self.cond_ddp, last=n == len(plan.mine) - 1):
+                with autocast(dist, opts.bf16):
+                    kw = self.conditioning(batch, x, g)
+                    z0 = self.latents(x, g, batch["index"])
+                    loss = training_loss(self.unet_ddp, self.schedule, self.cfg.prediction, z0, kw, g)
+                (loss / len(plan.mine)).backward()
             total += loss.item() / len(plan.mine)
-        params = [p for m in (self.unet, self.cond) for p in m.parameters() if p.requires_grad]
-        dist.average_grads(params)
         self.opt.step()
         for name, m in (("unet", self.unet), ("cond", self.cond)):
             if name in self.emas:
@@ -401,6 +405,8 @@ def train_ldm(opts: LDMOptions, *, log=stderr_log, callback=None) -> TrainResult
     unet.to(dist.device).train().requires_grad_(True)
     trainable_cond = cfg.cond.kind in ("bert", "class")
     cond.to(dist.device).train().requires_grad_(trainable_cond)
+    for unused in cond.unused_in_forward():  # BERT's to_logits: kept for loading, never trained
+        unused.requires_grad_(False)
     params = list(unet.parameters()) + (list(cond.parameters()) if trainable_cond else [])
     opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
     emas = {"unet": EMA(unet, opts.ema_decay)}

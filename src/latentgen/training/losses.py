@@ -49,6 +49,19 @@ def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
+class HingeLoss(nn.Module):
+    """The discriminator's hinge loss on real and reconstructed images in one forward pass, so that one
+    DistributedDataParallel call covers both discriminator calls (taming calls it twice, separately: each batch
+    keeps its own BatchNorm statistics)."""
+
+    def __init__(self, disc: nn.Module):
+        super().__init__()
+        self.disc = disc
+
+    def forward(self, x: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
+        return hinge_d_loss(self.disc(x), self.disc(rec))
+
+
 def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: nn.Parameter) -> torch.Tensor:
     """λ = ||∇_L L_rec|| / (||∇_L L_GAN|| + 1e-4), clamped to [0, 1e4] (Esser et al. 2012.09841, Eq. 7)."""
     nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
