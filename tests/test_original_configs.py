@@ -256,3 +256,28 @@ def test_refusal_reaches_the_cli_as_one_line(tmp_path):
     path.write_text(json.dumps({"model": {"target": "ldm.models.diffusion.ddpm.LatentDepth2ImageDiffusion"}}))
     r = CliRunner().invoke(app, ["info", str(plain), "--config", str(path)])
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "depth" in r.stderr, r.stderr
+
+
+def test_info_describes_what_the_weights_show_when_heads_are_unknown(fixtures_dir, fixture_config, tmp_path):
+    """The sd2-tiny fixture uses 8 channels a head, not SD 2.x's 64: without its config `info` still describes it
+    (parameters counted from the tensors, equal to the modules built with the config) and names what it cannot
+    know; the generation commands refuse in one line that names --config."""
+    from typer.testing import CliRunner
+
+    from latentgen.cli import app
+    from latentgen.loading.bundle import describe
+
+    path = str(fixtures_dir / "sd2-tiny.safetensors")
+    r = CliRunner().invoke(app, ["info", path, "--json"])
+    assert r.exit_code == 0, r.stderr
+    d = json.loads(r.stdout)
+    known = describe(load_model(path, config=fixture_config("sd2-tiny")))
+    assert d["params"] == known["params"] and d["unknown"] == ["attention heads"]
+    assert (d["family"], d["conditioning"], d["context_dim"]) == ("sd2", "open_clip", known["context_dim"])
+    assert any("--config" in n for n in d["notes"])
+    r = CliRunner().invoke(app, ["info", path])
+    assert r.exit_code == 0 and "unknown       attention heads" in r.stdout
+    r = CliRunner().invoke(app, ["txt2img", "x", "--model", path, "--steps", "1", "--out", str(tmp_path / "x.png")])
+    assert r.exit_code == 2 and "--config" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("latentgen: error:")
+    assert not (tmp_path / "x.png").exists()

@@ -13,5 +13,9 @@ class ConfigError(LatentgenError):
     """A model name, registry entry or option value is unknown or inconsistent."""
 
 
+class HeadCountError(ConfigError):
+    """Attention cannot be split into heads as assumed: the head count is a hyper-parameter the weights do not show."""
+
+
 class InputError(LatentgenError):
     """An input image, mask, latent file or prompt line cannot be used."""

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentgen.errors import CheckpointError, ConfigError, InputError
+from latentgen.errors import CheckpointError, ConfigError, HeadCountError, InputError
 
 __all__ = [
     "AttentionBlock",
@@ -573,7 +573,7 @@ class UNetModel(nn.Module):
         cfg = self.config
         heads, head_dim = cfg.heads(ch)
         if heads < 1 or heads * head_dim != ch:
-            raise ConfigError(
+            raise HeadCountError(
                 f"UNet config: attention on {ch} channels cannot be split by num_heads={cfg.num_heads}, "
                 f"num_head_channels={cfg.num_head_channels}; set one that divides {ch}"
             )

@@ -19,10 +19,9 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Show what a checkpoint is: family, parameter counts, prediction, latent channels, f, conditioning."""
-    from ..loading.bundle import describe, load_model
+    from ..loading.bundle import describe_file
 
-    bundle = load_model(model, prediction=prediction, config=config)
-    d = describe(bundle)
+    d = describe_file(model, prediction=prediction, config=config)
     if as_json:
         print(json.dumps(d))
         return
@@ -43,6 +42,8 @@ def info(
         f"parameters    UNet {p['unet'] / 1e6:.2f}M, first stage {p['first_stage'] / 1e6:.2f}M, "
         f"conditioning {p['cond'] / 1e6:.2f}M",
     ]
+    if d.get("unknown"):
+        lines.append(f"unknown       {', '.join(d['unknown'])} (not in the weights; see the note)")
     print("\n".join(lines))
     for n in d["notes"]:
         note(n)

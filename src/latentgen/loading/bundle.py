@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..config import PREDICTIONS, ModelConfig, resolve_model
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, HeadCountError
 from .detect import detect_config
 from .files import RawCheckpoint, read_checkpoint
 from .layout import (
@@ -179,23 +179,16 @@ def load_model(
     )
 
 
-def bundle_from_raw(
+def resolve_config(
     raw: RawCheckpoint,
     *,
     entry: dict | None = None,
     prediction: str | None = None,
     config: str | Path | dict | None = None,
     overrides: dict | None = None,
-    ema: bool = False,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    low_memory: bool | None = False,
-) -> ModelBundle:
-    """Build the modules a checkpoint describes and load its weights strictly (meta tensors allowed).
-    `low_memory` (CPU, a single file): weights stored in a lower precision than `dtype` stay as stored, memory-mapped,
-    and each layer gets its weights upcast when it runs (:func:`upcast_on_use`): the same results, about half
-    the memory for an fp16 file computed in fp32, about 10% slower (SD 1.5). None: low memory unless the weights
-    in `dtype` take under a third of the memory available."""
+) -> tuple[ModelConfig, list[str]]:
+    """The ModelConfig of a checkpoint (file, original config, registry entry and options together) and notes on
+    what was guessed."""
     entry = entry or {}
     path = raw.path
     if raw.format == "first_stage":
@@ -228,6 +221,28 @@ def bundle_from_raw(
             "pass --prediction eps|v if images look wrong"
         )
 
+    return cfg, notes
+
+
+def bundle_from_raw(
+    raw: RawCheckpoint,
+    *,
+    entry: dict | None = None,
+    prediction: str | None = None,
+    config: str | Path | dict | None = None,
+    overrides: dict | None = None,
+    ema: bool = False,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    low_memory: bool | None = False,
+) -> ModelBundle:
+    """Build the modules a checkpoint describes and load its weights strictly (meta tensors allowed).
+    `low_memory` (CPU, a single file): weights stored in a lower precision than `dtype` stay as stored, memory-mapped,
+    and each layer gets its weights upcast when it runs (:func:`upcast_on_use`): the same results, about half
+    the memory for an fp16 file computed in fp32, about 10% slower (SD 1.5). None: low memory unless the weights
+    in `dtype` take under a third of the memory available."""
+    cfg, notes = resolve_config(raw, entry=entry, prediction=prediction, config=config, overrides=overrides)
+    path = raw.path
     sd = raw.tensors
     cpu_file = dtype == torch.float32 and torch.device(device).type == "cpu" and raw.format != "diffusers"
     if low_memory is None and cpu_file:  # auto: all weights upcast at load (faster) when that fits easily
@@ -265,8 +280,16 @@ def bundle_from_raw(
     if stray:
         more = f" (+{len(stray) - 4} more)" if len(stray) > 4 else ""
         raise CheckpointError(f"{path}: unexpected keys outside the model: {', '.join(stray[:4])}{more}")
-    with empty_weights():
-        unet, first_stage, cond = build_modules(cfg)
+    try:
+        with empty_weights():
+            unet, first_stage, cond = build_modules(cfg)
+    except HeadCountError as e:
+        if raw.format == "latentgen" or config is not None:
+            raise
+        raise HeadCountError(
+            f"{path}: {str(e).split(';')[0]}, the convention for its family (SD 1.x: 8 heads, SD 2.x: 64 channels "
+            "a head); the head count is not in the weights: pass --config with the checkpoint's original config"
+        ) from e
     load_strict(unet, unet_sd, what="UNet (model.diffusion_model.*)", source=path)
     load_strict(first_stage, fs_sd, what="first stage (first_stage_model.*)", source=path)
     try:
@@ -315,10 +338,37 @@ def count_params(module: nn.Module) -> int:
 
 def describe(bundle: ModelBundle) -> dict:
     """What `latentgen info` prints."""
-    cfg = bundle.config
+    params = {"unet": count_params(bundle.unet), "first_stage": count_params(bundle.first_stage)}
+    params["cond"] = count_params(bundle.cond)
+    return _description(bundle.config, bundle.path, bundle.format, params, bundle.notes)
+
+
+def describe_file(model: str, *, prediction: str | None = None, config: str | Path | dict | None = None) -> dict:
+    """`latentgen info`: the loaded model's description; where the modules cannot be built because the weights do
+    not show the head count and the convention does not fit, what the weights show (the UNet's parameters counted
+    from its tensors), with the failed assumption in `unknown` and a note on the option that fixes it."""
+    try:
+        return describe(load_model(model, prediction=prediction, config=config))
+    except HeadCountError as e:
+        path, entry = resolve_model(model)
+        raw = read_checkpoint(path)
+        cfg, notes = resolve_config(raw, entry=entry, prediction=prediction, config=config)
+        from ..autoencoder import build_autoencoder
+        from ..text.config import build_conditioner
+
+        with empty_weights():  # the parts that do not depend on the head count
+            first_stage, cond = build_autoencoder(cfg.first_stage), build_conditioner(cfg.cond)
+        unet = sum(v.numel() for k, v in raw.tensors.items() if k.startswith(UNET_PREFIX) and v.is_floating_point())
+        params = {"unet": unet, "first_stage": count_params(first_stage), "cond": count_params(cond)}
+        d = _description(cfg, path, raw.format, params, [*notes, str(e).split(": ", 1)[-1]])
+        d["unknown"] = ["attention heads"]
+        return d
+
+
+def _description(cfg: ModelConfig, path: str, fmt: str, params: dict, notes: list[str]) -> dict:
     return {
-        "path": bundle.path,
-        "format": bundle.format,
+        "path": path,
+        "format": fmt,
         "name": cfg.name,
         "family": cfg.family,
         "prediction": cfg.prediction,
@@ -334,11 +384,7 @@ def describe(bundle: ModelBundle) -> dict:
         "unet_in_channels": cfg.unet.in_channels,
         "num_classes": cfg.unet.num_classes,
         "max_noise_level": cfg.max_noise_level,
-        "params": {
-            "unet": count_params(bundle.unet),
-            "first_stage": count_params(bundle.first_stage),
-            "cond": count_params(bundle.cond),
-        },
+        "params": params,
         "schedule": {
             "beta_schedule": cfg.beta_schedule,
             "timesteps": cfg.timesteps,
@@ -346,7 +392,7 @@ def describe(bundle: ModelBundle) -> dict:
             "linear_end": cfg.linear_end,
         },
         "recommended": cfg.recommended,
-        "notes": bundle.notes,
+        "notes": notes,
     }
 
 
