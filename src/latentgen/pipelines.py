@@ -31,6 +31,7 @@ from .denoiser import (
 )
 from .errors import ConfigError, InputError
 from .loading.bundle import ModelBundle, make_low_scale_schedule
+from .memory import check_fits
 from .samplers import get_sampler, randn
 
 
@@ -72,6 +73,14 @@ def check_size(bundle: ModelBundle, width: int, height: int) -> None:
                 f"--{name} {v} is not a positive multiple of {m} (the model's factor "
                 f"{bundle.config.factor} × the UNet's downsampling): use {max(m, v // m * m)}"
             )
+
+
+def guard_memory(bundle: ModelBundle, n: int, width: int, height: int, settings: Settings) -> None:
+    """The memory guard (latentgen.memory): refuse, before any latent is allocated, a job of n images of
+    width × height that cannot fit in the memory available on the model's device."""
+    device, dtype = _params(bundle)
+    guided = settings.cfg != 1.0 and bundle.config.cond.kind != "none"
+    check_fits(bundle.config, n, width, height, dtype.itemsize, tile=AUTO_TILE, device=device, guided=guided)
 
 
 def latent_shape(bundle: ModelBundle, n: int, width: int, height: int) -> tuple[int, ...]:
@@ -348,6 +357,7 @@ def txt2img(
             f"{bundle.config.name} is a {bundle.config.concat} model: use `latentgen "
             f"{'inpaint' if bundle.config.concat == 'inpaint' else 'superres'}`"
         )
+    guard_memory(bundle, len(seeds), width, height, settings)
     device, dtype = _params(bundle)
     gens = generators(seeds)
     sigmas = sigmas_for(bundle, settings)
@@ -370,6 +380,7 @@ def img2img(
     """SDEdit: encode, noise to the strength's σ, run the tail of the schedule."""
     settings.check()
     check_size(bundle, images.shape[-1], images.shape[-2])
+    guard_memory(bundle, images.shape[0], images.shape[-1], images.shape[-2], settings)
     gens = generators(seeds)
     z0 = encode(bundle, images, gens)
     sigmas = tail(sigmas_for(bundle, settings), settings.strength)
@@ -400,6 +411,7 @@ def inpaint(
             f"mask is {masks.shape[-1]}x{masks.shape[-2]} but the image is "
             f"{images.shape[-1]}x{images.shape[-2]}: pass a mask of the same size or --resize-mask"
         )
+    guard_memory(bundle, images.shape[0], images.shape[-1], images.shape[-2], settings)
     masks = (masks >= 0.5).to(images.dtype)
     device, dtype = _params(bundle)
     gens = generators(seeds)
@@ -498,6 +510,8 @@ def superres(
     if bundle.config.concat != "lowres":
         raise InputError(f"{bundle.config.name} is not a super-resolution model (its UNet takes no low-res image)")
     level = noise_level_for(bundle, noise_level)
+    f = bundle.config.factor
+    guard_memory(bundle, images.shape[0], images.shape[-1] * f, images.shape[-2] * f, settings)
     device, dtype = _params(bundle)
     gens = generators(seeds)
     n, _, h, w = images.shape
