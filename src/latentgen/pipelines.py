@@ -16,6 +16,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from . import validation
 from .autoencoder import DiagonalGaussian
 from .denoiser import (
     CFGDenoiser,
@@ -46,14 +47,10 @@ class Settings:
     strength: float = 0.75  # img2img / inpaint with an ordinary model
     extra: dict = field(default_factory=dict)
 
-    def check(self) -> None:
-        if self.steps < 1:
-            raise ConfigError(f"--steps must be at least 1, not {self.steps}")
-        if not 0.0 < self.strength <= 1.0:
-            raise ConfigError(f"--strength must be in (0, 1], not {self.strength}")
-        if self.spacing not in ("leading", "trailing", "linspace"):
-            raise ConfigError(f"--spacing must be leading, trailing or linspace, not '{self.spacing}'")
-        get_sampler(self.sampler)
+    def check(self, where: str = "cli") -> None:
+        """The settings through the validation layer (latentgen.validation), named as `where` spells them."""
+        fields = ("steps", "sampler", "karras", "spacing", "cfg", "eta", "strength")
+        validation.check({k: getattr(self, k) for k in fields}, where)
 
 
 def generators(seeds: list[int]) -> list[torch.Generator]:

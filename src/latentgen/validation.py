@@ -1,9 +1,9 @@
 """One validation layer for every value that reaches the pipelines: command-line options, JSON-line items and
 PNG recipes pass the same checks (type, range, finiteness), so the three cannot disagree.
 
-`check(values, where)` returns the values converted to their Python types, or raises InputError naming the field
-as its source spells it: `--steps` on the command line, `stdin line 3: "steps"` for a JSON line, `x.png: recipe
-field "steps"` for a recipe. Fields it does not know pass through unchanged (a recipe carries model paths, hashes
+`check(values, where)` returns the values converted to their Python types, or raises ConfigError naming the field
+as its source spells it: `--steps` on the command line, `stdin line 3: "steps"` for a JSON line, `x.png: recipe:
+"steps"` for a recipe. Fields it does not know pass through unchanged (a recipe carries model paths, hashes
 and the like). The limits are documented in README.md ("Errors and exit codes").
 
 Leaf module: it imports nothing of latentgen but the errors, so every layer may use it.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-from .errors import InputError
+from .errors import ConfigError
 
 MAX_SIDE = 8192  # pixels, width or height of an output (and of an input image, see MAX_IMAGE_PIXELS)
 MAX_IMAGE_PIXELS = MAX_SIDE * MAX_SIDE  # input images above this many pixels are refused before decoding
@@ -22,7 +22,6 @@ MAX_NUM = 64  # images per prompt (one batch); a job's memory is checked as well
 MAX_CFG = 100.0
 SEED_MAX = 2**63 - 1  # seeds are 64-bit signed integers everywhere (torch, numpy, JSON readers)
 RANDOM_SEED = -1  # as in A1111: a random seed, drawn and reported
-SAMPLER_NAMES = ("ddim", "plms", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "ddpm")
 SPACINGS = ("leading", "trailing", "linspace")
 DTYPES = ("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
 
@@ -36,20 +35,20 @@ def label(field: str, where: str) -> str:
 
 def _integer(v, name: str) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise InputError(f"{name} must be an integer, not {v!r}")
+        raise ConfigError(f"{name} must be an integer, not {v!r}")
     if isinstance(v, float):
         if not math.isfinite(v) or v != int(v):
-            raise InputError(f"{name} must be an integer, not {v!r}")
+            raise ConfigError(f"{name} must be an integer, not {v!r}")
         v = int(v)
     return v
 
 
 def _number(v, name: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise InputError(f"{name} must be a number, not {v!r}")
+        raise ConfigError(f"{name} must be a number, not {v!r}")
     v = float(v)
     if not math.isfinite(v):
-        raise InputError(f"{name} must be a finite number, not {v}")
+        raise ConfigError(f"{name} must be a finite number, not {v}")
     return v
 
 
@@ -57,7 +56,7 @@ def int_in(lo: int, hi: int, hint: str = ""):
     def conv(v, name: str) -> int:
         v = _integer(v, name)
         if not lo <= v <= hi:
-            raise InputError(f"{name} {v} is out of range: use {lo}..{hi}{hint}")
+            raise ConfigError(f"{name} {v} is out of range: use {lo}..{hi}{hint}")
         return v
 
     return conv
@@ -67,16 +66,19 @@ def float_in(lo: float, hi: float, *, open_low: bool = False):
     def conv(v, name: str) -> float:
         v = _number(v, name)
         if not (lo < v if open_low else lo <= v) or v > hi:
-            raise InputError(f"{name} {v:g} is out of range: use {'(' if open_low else '['}{lo:g}, {hi:g}]")
+            raise ConfigError(f"{name} {v:g} is out of range: use {'(' if open_low else '['}{lo:g}, {hi:g}]")
         return v
 
     return conv
 
 
-def one_of(choices: tuple[str, ...]):
+def one_of(choices):
+    """A string among `choices` (a tuple, or a function returning one: looked up when first needed)."""
+
     def conv(v, name: str) -> str:
-        if not isinstance(v, str) or v not in choices:
-            raise InputError(f"{name} must be one of {', '.join(choices)}, not {v!r}")
+        options = choices() if callable(choices) else choices
+        if not isinstance(v, str) or v not in options:
+            raise ConfigError(f"{name} must be one of {', '.join(options)}, not {v!r}")
         return v
 
     return conv
@@ -84,7 +86,7 @@ def one_of(choices: tuple[str, ...]):
 
 def text(v, name: str) -> str:
     if not isinstance(v, str):
-        raise InputError(f"{name} must be a string, not {v!r}")
+        raise ConfigError(f"{name} must be a string, not {v!r}")
     return v
 
 
@@ -94,14 +96,20 @@ def optional_text(v, name: str):
 
 def flag(v, name: str) -> bool:
     if not isinstance(v, bool):
-        raise InputError(f"{name} must be true or false, not {v!r}")
+        raise ConfigError(f"{name} must be true or false, not {v!r}")
     return v
+
+
+def sampler_names() -> tuple[str, ...]:
+    from .samplers import SAMPLERS
+
+    return tuple(SAMPLERS)
 
 
 def seed(v, name: str) -> int:
     v = _integer(v, name)
     if v != RANDOM_SEED and not 0 <= v <= SEED_MAX:
-        raise InputError(f"{name} {v} is out of range: use 0..{SEED_MAX} (2**63-1), or -1 for a random seed")
+        raise ConfigError(f"{name} {v} is out of range: use 0..{SEED_MAX} (2**63-1), or -1 for a random seed")
     return v
 
 
@@ -119,7 +127,7 @@ FIELDS = {
     "strength": float_in(0.0, 1.0, open_low=True),
     "noise_level": int_in(0, 1000),
     "mask_blur": int_in(0, 256, " pixels"),
-    "sampler": one_of(SAMPLER_NAMES),
+    "sampler": one_of(sampler_names),
     "spacing": one_of(SPACINGS),
     "karras": flag,
     "ema": flag,
@@ -130,7 +138,7 @@ FIELDS = {
 
 def check(values: dict, where: str = "cli") -> dict:
     """`values` with every known field checked and converted; None means "not given" and passes. Raises
-    InputError naming the first bad field (see `label`)."""
+    ConfigError naming the first bad field (see `label`)."""
     out = dict(values)
     for k, v in values.items():
         conv = FIELDS.get(k)
@@ -142,4 +150,4 @@ def check(values: dict, where: str = "cli") -> dict:
 def check_seeds(first: int, n: int, where: str = "cli") -> None:
     """Image i of a request uses seed S+i: the last one must still be a valid seed."""
     if first != RANDOM_SEED and first + n - 1 > SEED_MAX:
-        raise InputError(f"{label('seed', where)} {first} + {n} images passes {SEED_MAX}: use a smaller seed")
+        raise ConfigError(f"{label('seed', where)} {first} + {n} images passes {SEED_MAX}: use a smaller seed")
