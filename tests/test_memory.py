@@ -13,8 +13,8 @@ import pytest
 from tiny_models import random_model
 
 from latentgen import memory, pipelines
-from latentgen.checkpoint import load_model
 from latentgen.errors import InputError
+from latentgen.loading.bundle import load_model
 from latentgen.pipelines import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +23,7 @@ MEASURE = """
 import gc, json, resource, sys, torch
 torch.set_num_threads(1)
 from latentgen import memory, pipelines
-from latentgen.checkpoint import load_model
+from latentgen.loading.bundle import load_model
 from latentgen.pipelines import Settings
 b = load_model(sys.argv[1]); st = Settings(steps=1, sampler="euler")
 pipelines.txt2img(b, ["a"], [""], [0], 16, 16, st)  # warm: kernels, allocator, oneDNN
