@@ -79,9 +79,10 @@ def guarded(fn):
         import warnings
 
         warnings.showwarning = _warning_as_note
-        if threading.current_thread() is threading.main_thread():
-            if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-                signal.signal(signal.SIGTERM, _terminate)
+        main = threading.current_thread() is threading.main_thread()
+        before = signal.getsignal(signal.SIGTERM) if main else None
+        if before == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _terminate)
         try:
             return fn(*args, **kwargs)
         except LatentgenError as e:  # a full disk is no usage error: exit 1
@@ -97,6 +98,9 @@ def guarded(fn):
             raise SystemExit(EXIT_TERMINATED) from None
         except Exception as e:  # everything expected is a LatentgenError: this is a bug
             internal_error(e)
+        finally:
+            if before == signal.SIG_DFL:
+                signal.signal(signal.SIGTERM, before)
 
     return run
 
