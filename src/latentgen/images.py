@@ -138,7 +138,8 @@ def to_pil(x):
     import numpy as np
     from PIL import Image
 
-    a = (x.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    x = x.detach().float().cpu().nan_to_num(0.0)  # NaN pixels black (pipelines warns once, naming the cause)
+    a = (x.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     return Image.fromarray(a)
 
 

@@ -324,7 +324,41 @@ def decode(bundle: ModelBundle, z: torch.Tensor, tile: int | None = None) -> tor
         release_free_memory()
     with torch.no_grad():
         img = decode_latents(bundle.first_stage, z / bundle.config.scale_factor, tile=tile)
-    return (img.float() / 2 + 0.5).clamp(0, 1)
+    img = img.float()
+    if not torch.isfinite(img).all():
+        warn_non_finite(bundle)
+    return (img / 2 + 0.5).clamp(0, 1)
+
+
+def non_finite_weights(bundle: ModelBundle, limit: int = 3) -> tuple[list[str], int]:
+    """Names of the first `limit` weights holding NaN or Inf (original checkpoint names), and how many there are."""
+    from .loading.layout import COND_PREFIX, FIRST_STAGE_PREFIX, UNET_PREFIX
+
+    bad = []
+    for prefix, module in (
+        (UNET_PREFIX, bundle.unet),
+        (FIRST_STAGE_PREFIX, bundle.first_stage),
+        (COND_PREFIX, bundle.cond),
+    ):
+        sd = module.original_state_dict() if hasattr(module, "original_state_dict") else module.state_dict()
+        for name, t in sd.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                bad.append(prefix + name)
+    return bad[:limit], len(bad)
+
+
+def warn_non_finite(bundle: ModelBundle) -> None:
+    """One warning line when an image came out NaN/Inf (its pixels become black), naming the culprits."""
+    import warnings
+
+    names, n = non_finite_weights(bundle)
+    more = " …" if n > len(names) else ""
+    where = (
+        f"{n} weight tensor{'s hold' if n > 1 else ' holds'} NaN/Inf: {', '.join(names)}{more}"
+        if n
+        else "the weights are finite: the sampling overflowed (try --dtype fp32)"
+    )
+    warnings.warn(f"the decoded image has NaN/Inf pixels (shown black); {where}", RuntimeWarning, stacklevel=2)
 
 
 def encode(

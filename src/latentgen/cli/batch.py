@@ -125,6 +125,5 @@ def run_generation(sess: Session, items: list[dict], seed: int, num: int, make, 
                 sess.emit({**rec, "path": path, "seconds": round(dt, 3)})
             except LatentgenError as e:
                 sess.emit({**rec, "error": str(e)})
-                if getattr(e, "fatal", False):  # a full disk: the next images would fail the same way
-                    note("stopping the batch: no further output can be written", sess.quiet)
+                if getattr(e, "fatal", False):  # a full disk: the next images would fail the same way, so stop
                     return

@@ -70,7 +70,8 @@ def check_header(path: Path, head: bytes, size: int) -> None:
             pass  # a malformed entry: safetensors itself names it
     if 8 + n + end > size:
         raise CheckpointError(
-            f"{path}: truncated or corrupt: its header claims {8 + n + end} bytes of data, the file has {size}"
+            f"{path}: not a readable safetensors file (truncated or corrupt: its header claims {8 + n + end} bytes, "
+            f"the file has {size})"
         )
 
 
