@@ -421,7 +421,7 @@ def test_internal_error_is_one_line_with_its_own_exit_code(models, workdir, monk
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert lines[0].startswith("latentgen: internal error: AttributeError: 'NoneType' object has no attribute 'shape'")
-    assert "test_robustness.py:" in lines[0] and "LATENTGEN_DEBUG=1" in lines[0]
+    assert " at cli/generate.py:" in lines[0] and " in make " in lines[0] and "LATENTGEN_DEBUG=1" in lines[0]
     monkeypatch.setenv("LATENTGEN_DEBUG", "1")
     r = cli("txt2img", "x", "--model", models["sd1"], "--seed", 1, "--out", "o.png")
     assert r.exit_code == 70 and "Traceback" in r.stderr

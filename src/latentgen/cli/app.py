@@ -33,7 +33,8 @@ def _terminate(signum, frame) -> None:
 
 
 def internal_error(e: BaseException) -> None:
-    """One line naming the exception and the innermost frame; LATENTGEN_DEBUG=1 prints the traceback first."""
+    """One line naming the exception and where: the innermost frame in latentgen (else the innermost one);
+    LATENTGEN_DEBUG=1 prints the traceback first."""
     import os
     import traceback
 
@@ -42,7 +43,8 @@ def internal_error(e: BaseException) -> None:
     tb = traceback.extract_tb(e.__traceback__)
     where = ""
     if tb:
-        frame = tb[-1]
+        ours = [f for f in tb if "/latentgen/" in f.filename.replace(os.sep, "/")]
+        frame = (ours or tb)[-1]
         parts = frame.filename.replace(os.sep, "/").split("/latentgen/")
         where = f" at {parts[-1] if len(parts) > 1 else frame.filename}:{frame.lineno} in {frame.name}"
     msg = str(e).splitlines()[0] if str(e) else ""
