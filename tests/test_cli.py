@@ -25,6 +25,7 @@ from latentgen.loading.bundle import load_model
 from latentgen.pipelines import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
+FP32 = ("--dtype", "fp32")  # runs compared with fp32 references (`auto` may pick bf16 on a bf16-native CPU)
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +84,7 @@ def json_lines(out: str) -> list[dict]:
 def test_txt2img_images_records_and_metadata_match_pipeline(models):
     r = cli(
         "txt2img",
+        *FP32,
         "a red circle",
         "--model",
         models["sd1"],
@@ -212,7 +214,7 @@ def test_existing_output_needs_overwrite(models):
 
 
 def test_class_conditional_and_unconditional_models(models):
-    r = cli("txt2img", "--model", models["class"], "--class", 3, "--seed", 5, "--cfg", 2, "--out", "c.png")
+    r = cli("txt2img", *FP32, "--model", models["class"], "--class", 3, "--seed", 5, "--cfg", 2, "--out", "c.png")
     assert r.exit_code == 0, r.stderr
     b = load_model(models["class"])
     ref = pipelines.txt2img(b, [3], [""], [5], 16, 16, Settings(steps=2, cfg=2.0))  # CFG against the null class
@@ -220,7 +222,7 @@ def test_class_conditional_and_unconditional_models(models):
     assert json.loads(read_png_text("c.png")["latentgen"])["class"] == 3
     missing = cli("txt2img", "--model", models["class"], "--out", "d.png")
     assert missing.exit_code == 2 and "--class" in missing.stderr and not Path("d.png").exists()
-    u = cli("txt2img", "--model", models["uncond"], "--seed", 2, "--out", "u.png")
+    u = cli("txt2img", *FP32, "--model", models["uncond"], "--seed", 2, "--out", "u.png")
     assert u.exit_code == 0, u.stderr
     bu = load_model(models["uncond"])
     ref = pipelines.txt2img(bu, [""], [""], [2], 16, 16, Settings(steps=2))
@@ -228,16 +230,39 @@ def test_class_conditional_and_unconditional_models(models):
 
 
 def test_bert_model_takes_real_prompts(models):
-    r = cli("txt2img", "a painting of a tree", "--model", models["bert"], "--seed", 1, "--out", "t.png")
+    r = cli("txt2img", *FP32, "a painting of a tree", "--model", models["bert"], "--seed", 1, "--out", "t.png")
     assert r.exit_code == 0, r.stderr
     b = load_model(models["bert"])
     ref = pipelines.txt2img(b, ["a painting of a tree"], [""], [1], 16, 16, Settings(steps=2))
     assert np.array_equal(pixels("t.png"), np.asarray(to_pil(ref[0])))
 
 
+def test_dtype_bf16_on_request_and_auto_keeps_small_models_in_fp32(models, monkeypatch):
+    """`--dtype bf16` runs the networks in bf16 (slowly without native bf16) and records it; `auto` on a
+    bf16-native CPU keeps a UNet under BF16_MIN_UNET_PARAMS in fp32, so it equals `--dtype fp32` bit for bit."""
+    from latentgen.cli import device
+
+    r = cli("txt2img", "a red circle", "--model", models["sd1"], "--seed", 3, "--dtype", "bf16", "--out", "b.png")
+    assert r.exit_code == 0, r.stderr
+    b = load_model(models["sd1"], dtype=torch.bfloat16)
+    ref = pipelines.txt2img(b, ["a red circle"], [""], [3], 16, 16, Settings(steps=2))
+    assert np.array_equal(pixels("b.png"), np.asarray(to_pil(ref[0])))
+    assert json.loads(read_png_text("b.png")["latentgen"])["dtype"] == "bfloat16"
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
+    for name, dtype in (("auto.png", "auto"), ("fp32.png", "fp32")):
+        r = cli("txt2img", "a red circle", "--model", models["sd1"], "--seed", 3, "--dtype", dtype, "--out", name)
+        assert r.exit_code == 0, r.stderr
+        assert json.loads(read_png_text(name)["latentgen"])["dtype"] == "float32"
+    assert np.array_equal(pixels("auto.png"), pixels("fp32.png"))
+    assert device.pick_dtype("auto", "cpu", unet_params=device.BF16_MIN_UNET_PARAMS) == torch.bfloat16
+    assert device.pick_dtype("auto", "cpu", unet_params=6_700_000) == torch.float32
+
+
 def test_img2img_inpaint_outpaint_superres(models):
     img, mask = save_image("in.png"), save_image("mask.png", mode="L", seed=1)
-    r = cli("img2img", img, "a boat", "--model", models["sd1"], "--strength", 0.5, "--seed", 4, "--out", "i2i.png")
+    r = cli(
+        "img2img", *FP32, img, "a boat", "--model", models["sd1"], "--strength", 0.5, "--seed", 4, "--out", "i2i.png"
+    )
     assert r.exit_code == 0, r.stderr
     b = load_model(models["sd1"])
     x = torch.from_numpy(pixels(img) / 255.0).float().permute(2, 0, 1)[None]
@@ -245,6 +270,7 @@ def test_img2img_inpaint_outpaint_superres(models):
     assert np.array_equal(pixels("i2i.png"), np.asarray(to_pil(ref[0])))
     r = cli(
         "inpaint",
+        *FP32,
         img,
         "--mask",
         mask,
@@ -262,12 +288,33 @@ def test_img2img_inpaint_outpaint_superres(models):
     rec = json.loads(read_png_text("ip.png")["latentgen"])
     assert rec["task"] == "inpaint" and rec["mask_blur"] == 1
     r = cli(
-        "inpaint", img, "wider", "--extend", "4,0,4,4", "--model", models["inpaint"], "--seed", 1, "--out", "op.png"
+        "inpaint",
+        *FP32,
+        img,
+        "wider",
+        "--extend",
+        "4,0,4,4",
+        "--model",
+        models["inpaint"],
+        "--seed",
+        1,
+        "--out",
+        "op.png",
     )
     assert r.exit_code == 0, r.stderr
     assert pixels("op.png").shape == (20, 24, 3)
     r = cli(
-        "superres", save_image("low.png", (8, 8)), "--model", models["sr"], "--scale", 2, "--seed", 0, "--out", "sr.png"
+        "superres",
+        *FP32,
+        save_image("low.png", (8, 8)),
+        "--model",
+        models["sr"],
+        "--scale",
+        2,
+        "--seed",
+        0,
+        "--out",
+        "sr.png",
     )
     assert r.exit_code == 0, r.stderr
     assert pixels("sr.png").shape == (16, 16, 3)

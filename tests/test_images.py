@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from helpers_models import randomize_
+from helpers_png import write_png, write_png_header
 from PIL import Image
 from tiny_models import tiny_first_stage
 
@@ -51,6 +52,86 @@ def test_load_image_errors_and_roundtrip(tmp_path):
     assert x.shape == (1, 3, 5, 7)
     assert np.abs(np.asarray(to_pil(x[0])).astype(int) - ref).max() <= 1
     assert slugify("A Red, circle!") == "a-red-circle" and slugify("!!!") == "untitled"
+
+
+# ------------------------------------------------------------------------------ hostile and unusual images
+
+
+def test_16_bit_grey_png_is_scaled_not_clipped(tmp_path):
+    v = np.array([[0, 257, 1000, 32896], [40000, 65279, 65535, 128]], dtype=np.uint16)  # 32896 = mid-grey 128
+    im = load_image(write_png(tmp_path / "g16.png", v), mode="RGB")
+    ref = np.round(v / 257.0).astype(np.uint8)  # 8-bit = round(v · 255 / 65535)
+    got = np.asarray(im)
+    assert got.shape == (2, 4, 3) and all(np.array_equal(got[..., c], ref) for c in range(3))
+    assert got[0, 3, 0] == 128
+    assert np.array_equal(np.asarray(load_image(tmp_path / "g16.png", mode="L")), ref)  # masks too
+
+
+def test_16_bit_rgb_png_within_one_level(tmp_path):
+    v = np.random.default_rng(1).integers(0, 65536, (3, 5, 3)).astype(np.uint16)
+    got = np.asarray(load_image(write_png(tmp_path / "rgb48.png", v))).astype(int)
+    assert np.abs(got - np.round(v / 257.0)).max() <= 1
+
+
+# EXIF orientation (EXIF 2.3, tag 0x0112): how the stored pixels are turned to show the image upright.
+ORIENTED = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],  # mirrored left-right
+    3: lambda a: a[::-1, ::-1],  # rotated 180°
+    4: lambda a: a[::-1],  # mirrored top-bottom
+    5: lambda a: a.transpose(1, 0, 2),  # transposed (mirror + 270° clockwise)
+    6: lambda a: np.rot90(a, -1),  # rotate 90° clockwise to show
+    7: lambda a: np.rot90(a, -1)[::-1],  # transverse (mirror + 90° clockwise)
+    8: lambda a: np.rot90(a, 1),  # rotate 90° counter-clockwise to show
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(ORIENTED))
+def test_exif_orientation_is_applied(tmp_path, orientation):
+    a = np.random.default_rng(orientation).integers(0, 256, (3, 5, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(a).save(tmp_path / "o.png", exif=exif)
+    assert np.array_equal(np.asarray(load_image(tmp_path / "o.png")), ORIENTED[orientation](a))
+
+
+def test_exif_rotated_jpeg_has_the_shape_viewers_show(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (64, 32), (200, 30, 30)).save(tmp_path / "r.jpg", exif=exif)
+    assert load_image(tmp_path / "r.jpg").size == (32, 64)
+
+
+def test_decompression_bomb_is_one_clear_error(tmp_path):
+    from latentgen.validation import MAX_IMAGE_PIXELS
+
+    bomb = write_png_header(tmp_path / "bomb.png", 30000, 30000)
+    for read in (load_image, read_png_text):
+        with pytest.raises(InputError, match=rf"image too large: 30000x30000, the limit is {MAX_IMAGE_PIXELS} pixels"):
+            read(bomb)
+    with pytest.raises(InputError, match="is a directory"):
+        load_image(tmp_path)
+
+
+def test_write_errors_become_output_errors_and_leave_nothing(tmp_path):
+    import errno
+
+    from latentgen.errors import OutputError
+
+    target = tmp_path / "x.png"
+    with pytest.raises(OutputError, match="cannot write .*x.png: No space left on device") as e:
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert e.value.fatal and list(tmp_path.iterdir()) == []
+    with pytest.raises(OutputError) as e:
+        with atomic_path(target):
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+    assert not e.value.fatal and list(tmp_path.iterdir()) == []
+    (tmp_path / "d").mkdir()
+    with pytest.raises(InputError, match="is a directory: give an output file name"):
+        save_png(Image.new("RGB", (4, 4)), tmp_path / "d", overwrite=True)
+    assert list((tmp_path / "d").iterdir()) == []
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ LAYERS = {
     "infotext": 1,
     "data": 1,
     "validation": 1,
+    "memory": 1,  # the memory guard
     "loading": 2,
     "adapters": 2,
     "pipelines": 3,

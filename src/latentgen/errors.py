@@ -19,3 +19,12 @@ class HeadCountError(ConfigError):
 
 class InputError(LatentgenError):
     """An input image, mask, latent file or prompt line cannot be used."""
+
+
+class OutputError(LatentgenError):
+    """An output cannot be written. `fatal` (a full disk, a read-only or failing file system) stops a batch:
+    the next items would fail the same way."""
+
+    def __init__(self, message: str, *, fatal: bool = False):
+        super().__init__(message)
+        self.fatal = fatal

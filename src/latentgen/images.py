@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, OutputError
+from .validation import MAX_IMAGE_PIXELS, MAX_SIDE
+
+FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 
 
 @contextmanager
@@ -17,6 +21,8 @@ def atomic_path(path: str | Path, *, overwrite: bool = False):
     A kill at any moment leaves either the old file or the complete new one, never half a file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a directory: give an output file name (e.g. {path / 'image.png'})")
     if path.exists() and not overwrite:
         raise InputError(f"{path} exists: pass --overwrite to replace it")
     parent = path.parent if str(path.parent) else Path(".")
@@ -38,6 +44,9 @@ def atomic_path(path: str | Path, *, overwrite: bool = False):
         if not overwrite and path.exists():
             raise InputError(f"{path} appeared while writing: pass --overwrite to replace it")
         os.replace(tmp, path)
+    except OSError as e:
+        fatal = e.errno in FATAL_ERRNOS
+        raise OutputError(f"cannot write {path}: {e.strerror or e}", fatal=fatal) from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -46,22 +55,70 @@ def atomic_path(path: str | Path, *, overwrite: bool = False):
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
 
-def load_image(path: str | Path, mode: str = "RGB"):
-    """Read an image with Pillow → PIL.Image in `mode`; one clear error for a missing or unreadable file."""
+def open_image(path: str | Path):
+    """Open an image (header only) → PIL.Image; one InputError for a missing, unreadable or too large file.
+    The size is checked against MAX_IMAGE_PIXELS before any pixel is decoded (decompression bombs)."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a directory, not an image file")
     if not path.is_file():
         raise InputError(f"{path}: no such image file")
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # Pillow's own check warns or raises without the size; ours follows
     try:
-        with Image.open(path) as im:
+        im = Image.open(path)
+    except PermissionError as e:
+        raise InputError(f"{path}: cannot read the image (permission denied)") from e
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise InputError(f"{path}: not a readable image ({e.__class__.__name__})") from e
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+    w, h = im.size
+    if w * h > MAX_IMAGE_PIXELS:
+        im.close()
+        raise InputError(
+            f"{path}: image too large: {w}x{h}, the limit is {MAX_IMAGE_PIXELS} pixels ({MAX_SIDE}x{MAX_SIDE})"
+        )
+    return im
+
+
+def is_16_bit_grey(im) -> bool:
+    """Pillow opens 16-bit grey as I;16* (or I, for PNG); its convert() to 8 bits clips at 255 instead of scaling."""
+    return im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG")
+
+
+def grey_16_to_8(im):
+    """16-bit grey → 8-bit L, round(v / 257) = round(v · 255 / 65535). (16-bit RGB(A) PNGs already arrive as 8 bits,
+    their high bytes.)"""
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(im).astype(np.float64)
+    return Image.fromarray(np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8), "L")
+
+
+def load_image(path: str | Path, mode: str = "RGB"):
+    """Read an image with Pillow → PIL.Image in `mode`: EXIF orientation applied (as viewers and A1111 show it),
+    16-bit scaled to 8 bits, transparency over white; one clear error for a missing, unreadable or too large file."""
+    from PIL import Image, ImageOps
+
+    path = Path(path)
+    im = open_image(path)
+    try:
+        with im:
             im.load()
-            if mode == "RGB" and im.mode in ("RGBA", "LA", "P"):
+            sixteen = is_16_bit_grey(im)
+            im = ImageOps.exif_transpose(im)
+            if sixteen:
+                im = grey_16_to_8(im)
+            if mode == "RGB" and im.mode in ("RGBA", "LA", "P", "PA"):
                 im = im.convert("RGBA")
                 bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
                 im = Image.alpha_composite(bg, im)
             return im.convert(mode)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (OSError, ValueError, SyntaxError) as e:
         raise InputError(f"{path}: not a readable image ({e.__class__.__name__})") from e
 
 
@@ -81,7 +138,8 @@ def to_pil(x):
     import numpy as np
     from PIL import Image
 
-    a = (x.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    x = x.detach().float().cpu().nan_to_num(0.0)  # NaN pixels black (pipelines warns once, naming the cause)
+    a = (x.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     return Image.fromarray(a)
 
 
@@ -97,15 +155,11 @@ def save_png(im, path: str | Path, *, text: dict[str, str] | None = None, overwr
 
 
 def read_png_text(path: str | Path) -> dict[str, str]:
-    from PIL import Image
-
-    if not Path(path).is_file():
-        raise InputError(f"{path}: no such image file")
-
+    im = open_image(path)
     try:
-        with Image.open(path) as im:
+        with im:
             return dict(getattr(im, "text", {}) or {})
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SyntaxError) as e:
         raise InputError(f"{path}: not a readable image ({e.__class__.__name__})") from e
 
 

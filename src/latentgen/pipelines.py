@@ -16,6 +16,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from . import validation
 from .autoencoder import DiagonalGaussian
 from .denoiser import (
     CFGDenoiser,
@@ -31,6 +32,7 @@ from .denoiser import (
 )
 from .errors import ConfigError, InputError
 from .loading.bundle import ModelBundle, make_low_scale_schedule
+from .memory import check_fits
 from .samplers import get_sampler, randn
 
 
@@ -45,14 +47,10 @@ class Settings:
     strength: float = 0.75  # img2img / inpaint with an ordinary model
     extra: dict = field(default_factory=dict)
 
-    def check(self) -> None:
-        if self.steps < 1:
-            raise ConfigError(f"--steps must be at least 1, not {self.steps}")
-        if not 0.0 < self.strength <= 1.0:
-            raise ConfigError(f"--strength must be in (0, 1], not {self.strength}")
-        if self.spacing not in ("leading", "trailing", "linspace"):
-            raise ConfigError(f"--spacing must be leading, trailing or linspace, not '{self.spacing}'")
-        get_sampler(self.sampler)
+    def check(self, where: str = "cli") -> None:
+        """The settings through the validation layer (latentgen.validation), named as `where` spells them."""
+        fields = ("steps", "sampler", "karras", "spacing", "cfg", "eta", "strength")
+        validation.check({k: getattr(self, k) for k in fields}, where)
 
 
 def generators(seeds: list[int]) -> list[torch.Generator]:
@@ -72,6 +70,14 @@ def check_size(bundle: ModelBundle, width: int, height: int) -> None:
                 f"--{name} {v} is not a positive multiple of {m} (the model's factor "
                 f"{bundle.config.factor} × the UNet's downsampling): use {max(m, v // m * m)}"
             )
+
+
+def guard_memory(bundle: ModelBundle, n: int, width: int, height: int, settings: Settings) -> None:
+    """The memory guard (latentgen.memory): refuse, before any latent is allocated, a job of n images of
+    width × height that cannot fit in the memory available on the model's device."""
+    device, dtype = _params(bundle)
+    guided = settings.cfg != 1.0 and bundle.config.cond.kind != "none"
+    check_fits(bundle.config, n, width, height, dtype.itemsize, tile=AUTO_TILE, device=device, guided=guided)
 
 
 def latent_shape(bundle: ModelBundle, n: int, width: int, height: int) -> tuple[int, ...]:
@@ -318,7 +324,41 @@ def decode(bundle: ModelBundle, z: torch.Tensor, tile: int | None = None) -> tor
         release_free_memory()
     with torch.no_grad():
         img = decode_latents(bundle.first_stage, z / bundle.config.scale_factor, tile=tile)
-    return (img.float() / 2 + 0.5).clamp(0, 1)
+    img = img.float()
+    if not torch.isfinite(img).all():
+        warn_non_finite(bundle)
+    return (img / 2 + 0.5).clamp(0, 1)
+
+
+def non_finite_weights(bundle: ModelBundle, limit: int = 3) -> tuple[list[str], int]:
+    """Names of the first `limit` weights holding NaN or Inf (original checkpoint names), and how many there are."""
+    from .loading.layout import COND_PREFIX, FIRST_STAGE_PREFIX, UNET_PREFIX
+
+    bad = []
+    for prefix, module in (
+        (UNET_PREFIX, bundle.unet),
+        (FIRST_STAGE_PREFIX, bundle.first_stage),
+        (COND_PREFIX, bundle.cond),
+    ):
+        sd = module.original_state_dict() if hasattr(module, "original_state_dict") else module.state_dict()
+        for name, t in sd.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                bad.append(prefix + name)
+    return bad[:limit], len(bad)
+
+
+def warn_non_finite(bundle: ModelBundle) -> None:
+    """One warning line when an image came out NaN/Inf (its pixels become black), naming the culprits."""
+    import warnings
+
+    names, n = non_finite_weights(bundle)
+    more = " …" if n > len(names) else ""
+    where = (
+        f"{n} weight tensor{'s hold' if n > 1 else ' holds'} NaN/Inf: {', '.join(names)}{more}"
+        if n
+        else "the weights are finite: the sampling overflowed (try --dtype fp32)"
+    )
+    warnings.warn(f"the decoded image has NaN/Inf pixels (shown black); {where}", RuntimeWarning, stacklevel=2)
 
 
 def encode(
@@ -348,6 +388,7 @@ def txt2img(
             f"{bundle.config.name} is a {bundle.config.concat} model: use `latentgen "
             f"{'inpaint' if bundle.config.concat == 'inpaint' else 'superres'}`"
         )
+    guard_memory(bundle, len(seeds), width, height, settings)
     device, dtype = _params(bundle)
     gens = generators(seeds)
     sigmas = sigmas_for(bundle, settings)
@@ -370,6 +411,7 @@ def img2img(
     """SDEdit: encode, noise to the strength's σ, run the tail of the schedule."""
     settings.check()
     check_size(bundle, images.shape[-1], images.shape[-2])
+    guard_memory(bundle, images.shape[0], images.shape[-1], images.shape[-2], settings)
     gens = generators(seeds)
     z0 = encode(bundle, images, gens)
     sigmas = tail(sigmas_for(bundle, settings), settings.strength)
@@ -400,6 +442,7 @@ def inpaint(
             f"mask is {masks.shape[-1]}x{masks.shape[-2]} but the image is "
             f"{images.shape[-1]}x{images.shape[-2]}: pass a mask of the same size or --resize-mask"
         )
+    guard_memory(bundle, images.shape[0], images.shape[-1], images.shape[-2], settings)
     masks = (masks >= 0.5).to(images.dtype)
     device, dtype = _params(bundle)
     gens = generators(seeds)
@@ -498,6 +541,8 @@ def superres(
     if bundle.config.concat != "lowres":
         raise InputError(f"{bundle.config.name} is not a super-resolution model (its UNet takes no low-res image)")
     level = noise_level_for(bundle, noise_level)
+    f = bundle.config.factor
+    guard_memory(bundle, images.shape[0], images.shape[-1] * f, images.shape[-2] * f, settings)
     device, dtype = _params(bundle)
     gens = generators(seeds)
     n, _, h, w = images.shape

@@ -7,6 +7,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Optional
 
+from .. import validation
 from ..errors import ConfigError, LatentgenError
 from .app import note
 
@@ -29,13 +30,21 @@ ITEM_KEYS = {
 }
 
 
+def check_options(**values) -> None:
+    """Command-line options through the validation layer (the same checks as JSON lines and recipes)."""
+    validation.check(values, "cli")
+    if values.get("seed") is not None:
+        validation.check_seeds(values["seed"], values.get("num") or 1)
+
+
 def read_items(prompt: Optional[str], quiet: bool) -> list[dict]:
-    """PROMPT, or `-`: one prompt per line on stdin, or JSON lines with per-item overrides."""
+    """PROMPT, or `-`: one prompt per line on stdin (CR LF endings too), or JSON lines with per-item overrides,
+    each through the validation layer: a bad item fails alone."""
     if prompt != "-":
         return [{"prompt": prompt or ""}]
     items = []
     for n, line in enumerate(sys.stdin, 1):
-        line = line.rstrip("\n")
+        line = line.rstrip("\r\n")
         if not line.strip():
             continue
         if line.lstrip().startswith("{"):
@@ -46,7 +55,12 @@ def read_items(prompt: Optional[str], quiet: bool) -> list[dict]:
                 bad = set(obj) - ITEM_KEYS
                 if bad:
                     raise ValueError(f"unknown keys {sorted(bad)}; allowed: {sorted(ITEM_KEYS)}")
+                obj = validation.check(obj, f"stdin line {n}")
+                if obj.get("seed") is not None:
+                    validation.check_seeds(obj["seed"], obj.get("num", 1), f"stdin line {n}")
                 items.append({**obj, "_line": n})
+            except ConfigError as e:
+                items.append({"_error": str(e), "_line": n})
             except ValueError as e:
                 items.append({"_error": f"stdin line {n}: bad JSON line ({e})", "_line": n})
         else:
@@ -57,9 +71,10 @@ def read_items(prompt: Optional[str], quiet: bool) -> list[dict]:
 
 
 def base_seed(seed: Optional[int], quiet: bool) -> int:
+    """The given seed, or a random one (also for -1, as in A1111), printed on stderr."""
     import secrets
 
-    if seed is None:
+    if seed is None or seed == validation.RANDOM_SEED:
         seed = secrets.randbelow(2**31)
         note(f"seed {seed}", quiet)
     return seed
@@ -80,6 +95,8 @@ def run_generation(sess: Session, items: list[dict], seed: int, num: int, make, 
         if "_error" in item:
             sess.emit({"index": first, "item": k, "error": item["_error"]})
             continue
+        if item.get("seed") == validation.RANDOM_SEED:
+            item = {**item, "seed": base_seed(None, sess.quiet)}
         seeds = [int(item["seed"]) + i for i in range(n)] if "seed" in item else [seed + first + i for i in range(n)]
         t0 = time.perf_counter()
         try:
@@ -108,3 +125,5 @@ def run_generation(sess: Session, items: list[dict], seed: int, num: int, make, 
                 sess.emit({**rec, "path": path, "seconds": round(dt, 3)})
             except LatentgenError as e:
                 sess.emit({**rec, "error": str(e)})
+                if getattr(e, "fatal", False):  # a full disk: the next images would fail the same way, so stop
+                    return

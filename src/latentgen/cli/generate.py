@@ -8,7 +8,7 @@ import typer
 
 from ..errors import ConfigError, InputError
 from .app import command, note
-from .batch import base_seed, run_generation
+from .batch import base_seed, check_options, run_generation
 from .options import (
     CfgOpt,
     ClassOpt,
@@ -73,7 +73,19 @@ def txt2img(
         negative = rec.get("negative", "") if negative is None else negative
         class_label = rec.get("class") if class_label is None else class_label
         seed, model, dtype, prediction, ema = _recipe_run(rec, seed, model, dtype, prediction, ema)
-    _check_num(num)
+    check_options(
+        steps=steps,
+        sampler=sampler,
+        spacing=spacing,
+        cfg=cfg,
+        eta=eta,
+        seed=seed,
+        num=num,
+        width=width,
+        height=height,
+        dtype=dtype,
+        **{"class": class_label},
+    )
     sess = Session("txt2img", model, prediction, config, dtype, device, quiet, as_json, overwrite, out, ema, low_memory)
     from .. import pipelines
 
@@ -95,6 +107,7 @@ def txt2img(
     defaults = sess.settings(steps, sampler, karras, spacing, cfg, eta, recipe=rec)
     w0, h0 = sess.size(width, height, rec)
     pipelines.check_size(sess.bundle, w0, h0)
+    pipelines.guard_memory(sess.bundle, num, w0, h0, defaults)
     base = base_seed(seed, quiet)
 
     def make(item, seeds):
@@ -141,11 +154,6 @@ def txt2img(
     sess.finish()
 
 
-def _check_num(num: int) -> None:
-    if num < 1:
-        raise ConfigError(f"--num must be at least 1, not {num}")
-
-
 def _check_image_size(sess: Session, x, what: str, scale: int = 1) -> None:
     """Image sides (× the model's upscaling) must be multiples of the model's size step."""
     from ..pipelines import size_multiple
@@ -181,7 +189,14 @@ def _outpaint_canvas(image, mask, extend):
     """Pad the canvas by L,T,R,B (edge colours) and mark the new border for repainting."""
     import torch.nn.functional as F
 
+    from ..validation import MAX_SIDE
+
     left, top, right, bottom = extend
+    w, h = image.shape[-1] + left + right, image.shape[-2] + top + bottom
+    if max(w, h) > MAX_SIDE:
+        raise ConfigError(
+            f"--extend {left},{top},{right},{bottom} makes a {w}x{h} canvas: the limit is {MAX_SIDE} a side"
+        )
     image = F.pad(image, (left, right, top, bottom), mode="replicate")
     mask = F.pad(mask, (left, right, top, bottom), value=1.0)
     return image, mask
@@ -214,8 +229,17 @@ def img2img(
     low_memory: Optional[bool] = LowMemOpt,
 ) -> None:
     """Change an image towards a prompt (SDEdit: encode, noise to the strength's σ, denoise the tail)."""
-    _check_strength(strength)
-    _check_num(num)
+    check_options(
+        steps=steps,
+        sampler=sampler,
+        spacing=spacing,
+        cfg=cfg,
+        eta=eta,
+        seed=seed,
+        num=num,
+        strength=strength,
+        dtype=dtype,
+    )
     init = _load_input_image(image)
     sess = Session("img2img", model, prediction, config, dtype, device, quiet, as_json, overwrite, out, ema, low_memory)
     from .. import pipelines
@@ -229,6 +253,7 @@ def img2img(
     items = sess.read_items(prompt)
     sess.check_outputs(items, num)
     defaults = sess.settings(steps, sampler, karras, spacing, cfg, eta, strength)
+    pipelines.guard_memory(sess.bundle, num, init.shape[-1], init.shape[-2], defaults)
     base = base_seed(seed, quiet)
 
     def make(item, seeds):
@@ -277,11 +302,6 @@ def img2img(
     sess.finish()
 
 
-def _check_strength(strength: float) -> None:
-    if not 0.0 < strength <= 1.0:
-        raise ConfigError(f"--strength must be in (0, 1], not {strength}")
-
-
 @command()
 def inpaint(
     image: str = typer.Argument(..., help="Input image."),
@@ -315,13 +335,21 @@ def inpaint(
     """Repaint the white part of a mask (or the border added by --extend)."""
     import torch
 
-    _check_strength(strength)
+    check_options(
+        steps=steps,
+        sampler=sampler,
+        spacing=spacing,
+        cfg=cfg,
+        eta=eta,
+        seed=seed,
+        num=num,
+        strength=strength,
+        mask_blur=mask_blur,
+        dtype=dtype,
+    )
     ext = _parse_extend(extend)
     if mask is None and ext is None:
         raise ConfigError("inpaint needs --mask MASK or --extend L,T,R,B")
-    if mask_blur < 0:
-        raise ConfigError(f"--mask-blur must be >= 0, not {mask_blur}")
-    _check_num(num)
     from ..images import load_image, to_tensor
 
     init = _load_input_image(image)
@@ -353,6 +381,7 @@ def inpaint(
     items = sess.read_items(prompt)
     sess.check_outputs(items, num)
     defaults = sess.settings(steps, sampler, karras, spacing, cfg, eta, strength)
+    pipelines.guard_memory(sess.bundle, num, init.shape[-1], init.shape[-2], defaults)
     base = base_seed(seed, quiet)
 
     def make(item, seeds):
@@ -461,7 +490,17 @@ def superres(
         raise ConfigError("superres needs an IMAGE argument (or --recipe PNG)")
     if model is None:
         model = load_registry().get("default_superres") or model
-    _check_num(num)
+    check_options(
+        steps=steps,
+        sampler=sampler,
+        spacing=spacing,
+        cfg=cfg,
+        eta=eta,
+        seed=seed,
+        num=num,
+        noise_level=noise_level,
+        dtype=dtype,
+    )
     low = _load_input_image(image)
     sess = Session(
         "superres", model, prediction, config, dtype, device, quiet, as_json, overwrite, out, ema, low_memory
@@ -485,6 +524,7 @@ def superres(
     _check_image_size(sess, low, image, scale=f)
     sess.check_outputs([{}], num)
     defaults = sess.settings(steps, sampler, karras, spacing, cfg if text_guided else 1.0, eta, recipe=rec)
+    pipelines.guard_memory(sess.bundle, num, low.shape[-1] * f, low.shape[-2] * f, defaults)
     base = base_seed(seed, quiet)
     text, neg = prompt or "", negative or ""
 

@@ -18,9 +18,14 @@ def _recipe(path: Optional[str]) -> dict:
     if "latentgen" not in text:
         raise InputError(f"{path}: has no latentgen recipe (it was not made by latentgen)")
     try:
-        return json.loads(text["latentgen"])
+        rec = json.loads(text["latentgen"])
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: damaged latentgen recipe ({e})") from e
+    if not isinstance(rec, dict):
+        raise InputError(f"{path}: damaged latentgen recipe (not a JSON object)")
+    from ..validation import check
+
+    return check(rec, f"{path}: recipe")
 
 
 def _recipe_run(rec: dict, seed, model, dtype: str, prediction, ema: bool) -> tuple:

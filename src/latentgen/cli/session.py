@@ -38,7 +38,10 @@ class Session:
     ):
         import torch
 
-        from ..loading.bundle import load_model
+        from ..config import resolve_model
+        from ..loading.bundle import bundle_from_raw
+        from ..loading.files import read_checkpoint
+        from ..loading.layout import UNET_PREFIX
         from ..loading.weights import prepack_convs
 
         self.task, self.quiet, self.as_json, self.overwrite = task, quiet, as_json, overwrite
@@ -46,7 +49,6 @@ class Session:
         self.device = pick_device(device)
         if self.world > 1 and self.device == "cuda":
             self.device = f"cuda:{int_env('LOCAL_RANK', 0)}"
-        self.dtype = pick_dtype(dtype, self.device)
         self.out = out or "out/{index:05d}-{seed}.png"
         check_out_pattern(self.out, overwrite)
         if self.world > 1:
@@ -55,8 +57,13 @@ class Session:
             if not dist.is_initialized():
                 dist.init_process_group("gloo")
         try:
-            self.bundle = load_model(
-                model,
+            path, entry = resolve_model(model)
+            raw = read_checkpoint(path)  # memory-mapped: the UNet's size decides `--dtype auto`
+            unet_params = sum(v.numel() for k, v in raw.tensors.items() if k.startswith(UNET_PREFIX))
+            self.dtype = pick_dtype(dtype, self.device, unet_params)
+            self.bundle = bundle_from_raw(
+                raw,
+                entry=entry,
                 prediction=prediction,
                 config=config,
                 ema=ema,
@@ -203,6 +210,10 @@ def check_out_pattern(pattern: str, overwrite: bool) -> None:
         probe = Path(pattern.format(index=0, seed=0, prompt="p", i=0, model="m"))
     except (KeyError, IndexError, ValueError) as e:
         raise ConfigError(f"--out pattern '{pattern}' is invalid ({e}); fields: index, seed, prompt, i, model") from e
+    if probe.is_dir():
+        raise InputError(
+            f"--out {pattern} is a directory: give a file name or a pattern, e.g. {probe}/{{index:05d}}.png"
+        )
     parent = probe.parent if str(probe.parent) else Path(".")
     if "{" in str(Path(pattern).parent):  # the directory itself varies per image: check where it starts
         parent = next(iter(Path(pattern).parents))

@@ -1,6 +1,6 @@
 """`latentgen train-ae` and `latentgen train-ldm`: argument parsing over latentgen.training; torch is imported
 inside the commands. Under `torchrun --nproc_per_node N` for data parallelism. Exit codes: 0 done,
-130 interrupted (a checkpoint was written), 2 usage error."""
+130 interrupted by Ctrl-C / 143 by SIGTERM (a checkpoint was written), 2 usage error."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _finish(result) -> None:
         print(f"latentgen: interrupted at step {result.step}; continue with --resume {result.out}", file=sys.stderr)
     print(result.model_path)
     if result.interrupted:
-        raise SystemExit(130)
+        raise SystemExit(128 + (result.signal or 2))
 
 
 DataOpt = typer.Option(

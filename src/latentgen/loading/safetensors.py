@@ -4,6 +4,7 @@ of pickled checkpoints with the command that converts them."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -22,19 +23,76 @@ def _refuse_pickle(path: Path) -> None:
     )
 
 
+MAX_HEADER = 100 * 2**20  # bytes of JSON header (safetensors' own limit)
+
+
+def _stat(path: Path):
+    """os.stat with one CheckpointError per reason: missing, a symlink loop, no permission."""
+    import errno
+    import os
+
+    try:
+        return os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CheckpointError(f"{path}: a loop of symbolic links: point it at the real file") from e
+        if e.errno == errno.EACCES:
+            raise CheckpointError(f"{path}: permission denied: make it readable (chmod +r) or copy it") from e
+        if path.is_symlink():
+            raise CheckpointError(f"{path}: a broken symbolic link (its target is missing)") from e
+        raise CheckpointError(f"{path}: no such file") from e
+
+
+def check_header(path: Path, head: bytes, size: int) -> None:
+    """The header's claims against the file: its length, and every tensor's byte range inside the file (a file
+    claiming 100 GB of tensors is refused here rather than by a failing mmap)."""
+    if len(head) < 8:
+        raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
+    n = int.from_bytes(head[:8], "little")
+    if n > MAX_HEADER or 8 + n > size:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file (its header claims {n} bytes; the file has {size})"
+        )
+    with open(path, "rb") as fh:
+        fh.seek(8)
+        try:
+            header = json.loads(fh.read(n))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file (damaged header: {e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a readable safetensors file (the header is not a JSON object)")
+    end = 0
+    for k, t in header.items():
+        try:
+            if k != "__metadata__":
+                end = max(end, int(t["data_offsets"][1]))
+        except (TypeError, KeyError, IndexError, ValueError):
+            pass  # a malformed entry: safetensors itself names it
+    if 8 + n + end > size:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file (truncated or corrupt: its header claims {8 + n + end} bytes, "
+            f"the file has {size})"
+        )
+
+
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a safetensors file (memory-mapped) → (tensors, metadata). Pickles are refused."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
+    st = _stat(path)
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory without unet/ (not a diffusers model folder)")
     if path.suffix.lower() in PICKLE_SUFFIXES:
         _refuse_pickle(path)
-    with open(path, "rb") as fh:
-        head = fh.read(9)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+    except PermissionError as e:
+        raise CheckpointError(f"{path}: permission denied: make it readable (chmod +r) or copy it") from e
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the file ({e.strerror})") from e
     if head[8:9] != b"{" and (head[:2] == b"PK" or head[:1] == b"\x80"):  # a zip (torch.save) or a raw pickle
         _refuse_pickle(path)
+    check_header(path, head, st.st_size)
     from safetensors import safe_open
 
     try:
@@ -86,5 +144,15 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
 
     from ..images import atomic_path
 
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    with atomic_path(path, overwrite=overwrite) as tmp:  # an OSError inside becomes an OutputError
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        except OSError:
+            raise
+        except Exception as e:  # safetensors' SafetensorError wraps the OS error (a full disk) in its message
+            import errno
+            import re
+
+            code = re.search(r"code: (\d+)", str(e))
+            num = int(code.group(1)) if code else errno.EIO
+            raise OSError(num, os.strerror(num) if code else str(e).splitlines()[0]) from e

@@ -52,12 +52,14 @@ class StopRequest:
 
     def __init__(self):
         self.requested = False
+        self.signum = 0  # the signal that asked (the exit code is 128 + it: 130 SIGINT, 143 SIGTERM)
         self._old: dict = {}
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = signum
 
     def __enter__(self):
         import threading
@@ -142,6 +144,7 @@ class Loop:
                     )
                 if halt:
                     result.interrupted = True
+                    result.signal = stop.signum or signal.SIGINT
                     if self.dist.main:
                         self.log(f"interrupted: checkpoint of step {done} written to {result.out}")
                     break

@@ -127,6 +127,7 @@ class TrainResult:
     step: int
     losses: list[dict] = field(default_factory=list)  # per step run by this call: {"step": n, term: value}
     interrupted: bool = False
+    signal: int = 0  # the signal that interrupted the run (2 SIGINT, 15 SIGTERM)
     model_path: Path | None = None
 
 
