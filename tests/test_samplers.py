@@ -130,7 +130,7 @@ def test_get_sigmas_matches_diffusers(schedule, sampler, spacing, karras, steps)
     scheduler = make_scheduler(sampler, spacing, karras)
     scheduler.set_timesteps(steps)
     ref = _diffusers_sigmas(scheduler, sampler)
-    ours = get_sigmas(schedule, steps, sampler=sampler, spacing=spacing, karras=karras)
+    ours = get_sigmas(schedule, steps, sampler=sampler, spacing=spacing, scheduler="karras" if karras else "normal")
     assert ours.dtype == torch.float32 and ours.shape == (steps + 1,)
     assert rel_err(ours, ref) < 1e-6
     if sampler in ("euler", "heun", "dpmpp_2m") and not karras:  # the timesteps the network sees
@@ -234,13 +234,15 @@ def ours_run(
     *,
     spacing="leading",
     karras=False,
+    scheduler=None,
     prediction="eps",
     z0=None,
     strength=None,
     concat=None,
     **options,
 ):
-    sigmas = get_sigmas(schedule, steps, sampler=sampler, spacing=spacing, karras=karras)
+    scheduler = scheduler or ("karras" if karras else "normal")
+    sigmas = get_sigmas(schedule, steps, sampler=sampler, spacing=spacing, scheduler=scheduler)
     model = CFGDenoiser(Denoiser(net, schedule, prediction, quantize=quantize_timesteps(sampler)))
     if strength is None:
         x = prepare_noise(noise, sigmas, sampler, spacing)
@@ -495,20 +497,35 @@ def gaussian_denoiser(x, sigma):
     return MU + S**2 / (S**2 + s2) * (x - MU)
 
 
-@pytest.mark.parametrize("sampler", list(SAMPLERS))
+class GaussianWithUncond:
+    """The exact denoiser, offering `with_uncond` as CFGDenoiser does (unguided: both estimates equal)."""
+
+    def __call__(self, x, sigma):
+        return gaussian_denoiser(x, sigma)
+
+    def with_uncond(self, x, sigma):
+        d = gaussian_denoiser(x, sigma)
+        return d, d
+
+
+STOCHASTIC = ("euler_a", "ddpm", "dpmpp_2m_sde", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_2m_sde_heun")
+STOCHASTIC += ("dpmpp_3m_sde",)
+
+
+@pytest.mark.parametrize("sampler", [s for s in SAMPLERS if s != "lcm"])  # LCM needs a consistency model
 def test_samplers_land_on_the_data_distribution(schedule, sampler):
-    sigmas = get_sigmas(schedule, 250, sampler=sampler, karras=sampler.startswith("dpmpp"))
+    steps = 60 if sampler == "dpmpp_sde" else 250
+    sigmas = get_sigmas(schedule, steps, sampler=sampler, scheduler="karras" if sampler.startswith("dpm") else "normal")
     g = torch.Generator().manual_seed(0)
     n = torch.randn(2000, 16, generator=g)
     x = MU + math.sqrt(S**2 + float(sigmas[0]) ** 2) * n  # exact marginal at σ_0
-    out = get_sampler(sampler)(gaussian_denoiser, x, sigmas, generator=g)
+    out = get_sampler(sampler)(GaussianWithUncond(), x, sigmas, generator=g)
     std = math.sqrt(S**2 + float(sigmas[-1]) ** 2)  # DDIM / PLMS stop at σ(t=0) > 0
     se_mean = std / math.sqrt(out.numel())
     assert abs(out.mean().item() - MU) < 4 * se_mean
     assert abs(out.std().item() / std - 1) < 0.02
     corr = torch.corrcoef(torch.stack([n.flatten(), out.flatten()]))[0, 1].item()
-    stochastic = sampler in ("euler_a", "ddpm", "dpmpp_2m_sde")
-    assert (corr < 0.5) if stochastic else (corr > 0.999)  # fresh noise vs a deterministic map
+    assert (corr < 0.5) if sampler in STOCHASTIC else (corr > 0.999)  # fresh noise vs a deterministic map
 
 
 def test_ddim_eta_one_is_stochastic_and_on_distribution(schedule):

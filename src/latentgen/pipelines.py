@@ -32,18 +32,29 @@ from .denoiser import (
 from .errors import ConfigError, InputError
 from .loading.bundle import ModelBundle, make_low_scale_schedule
 from .samplers import get_sampler, randn
+from .schedulers import check_scheduler, default_scheduler
 
 
 @dataclass
 class Settings:
     steps: int = 25
     sampler: str = "dpmpp_2m"
-    karras: bool = True
+    karras: bool | None = None  # alias: True = scheduler "karras", False = "normal" (when no scheduler is named)
     spacing: str = "leading"
     cfg: float = 7.5
     eta: float = 0.0
     strength: float = 0.75  # img2img / inpaint with an ordinary model
     extra: dict = field(default_factory=dict)
+    scheduler: str | None = None  # schedulers.SCHEDULERS; None: the sampler's default (default_scheduler)
+
+    @property
+    def schedule_name(self) -> str:
+        """The σ schedule this run uses: the one named, else --karras/--no-karras, else the sampler's default."""
+        if self.scheduler is not None:
+            return self.scheduler
+        if self.karras is not None:
+            return "karras" if self.karras else "normal"
+        return default_scheduler(self.sampler)
 
     def check(self) -> None:
         if self.steps < 1:
@@ -53,6 +64,7 @@ class Settings:
         if self.spacing not in ("leading", "trailing", "linspace"):
             raise ConfigError(f"--spacing must be leading, trailing or linspace, not '{self.spacing}'")
         get_sampler(self.sampler)
+        check_scheduler(self.schedule_name)
 
 
 def generators(seeds: list[int]) -> list[torch.Generator]:
@@ -127,7 +139,12 @@ def _sample(bundle, x, sigmas, settings, cond, uncond, gens, callback, wrap=None
 
 def sigmas_for(bundle: ModelBundle, settings: Settings) -> torch.Tensor:
     return get_sigmas(
-        bundle.schedule, settings.steps, sampler=settings.sampler, spacing=settings.spacing, karras=settings.karras
+        bundle.schedule,
+        settings.steps,
+        sampler=settings.sampler,
+        spacing=settings.spacing,
+        scheduler=settings.schedule_name,
+        ays_table="sdxl" if bundle.config.family == "sdxl" else "sd1",
     )
 
 
