@@ -19,6 +19,7 @@ In x-space DDIM(η) and the DDPM posterior step are the Euler-ancestral step (sh
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -375,7 +376,9 @@ class BrownianNoise:
     def __call__(self, sigma: float, sigma_next: float) -> torch.Tensor:
         lo, hi = min(sigma, sigma_next), max(sigma, sigma_next)
         sign = 1.0 if sigma < sigma_next else -1.0
-        w = torch.stack([tree(lo, hi) for tree in self.trees]) * sign
+        with warnings.catch_warnings():  # points a float32 ulp outside [σ_min, σ_max], as k-diffusion's queries
+            warnings.filterwarnings("ignore", message="Should have t", category=UserWarning)
+            w = torch.stack([tree(lo, hi) for tree in self.trees]) * sign
         w = w if self.batched else w[0]
         return (w / math.sqrt(hi - lo)).to(self.device, self.dtype)
 
@@ -394,12 +397,13 @@ def sample_dpmpp_sde(model, x, sigmas, *, extra_args=None, callback=None, genera
         return x
     noise = BrownianNoise(x, min(positive), max(levels), _seeds_of(generator, x.shape[0]))
     for i in range(len(levels) - 1):
-        sigma, sigma_next = levels[i], levels[i + 1]
-        denoised = _denoise(model, x, sigma, extra_args, callback, i)
-        if sigma_next == 0:
+        denoised = _denoise(model, x, levels[i], extra_args, callback, i)
+        if levels[i + 1] == 0:
             x = denoised
             continue
-        sigma_mid = math.sqrt(sigma * sigma_next)
+        # σ → λ = -log σ → σ in float32, as k-diffusion and diffusers compute the points they ask the tree about:
+        # the tree's increments over nearby intervals differ by ~sqrt(Δσ), so the points must agree to the bit.
+        sigma, sigma_mid, sigma_next = _lambda_points(levels[i], levels[i + 1])
         down, up = _ancestral_levels(sigma, sigma_mid, eta)
         x_mid = (down / sigma) * x + (1 - down / sigma) * denoised
         if up > 0:
@@ -410,6 +414,13 @@ def sample_dpmpp_sde(model, x, sigmas, *, extra_args=None, callback=None, genera
         if up > 0:
             x = x + noise(sigma, sigma_next) * up
     return x
+
+
+def _lambda_points(sigma: float, sigma_next: float) -> tuple[float, float, float]:
+    """σ, the λ-midpoint sqrt(σ·σ_next) and σ_next through float32 λ = -log σ (k-diffusion's sigma_fn(t_fn(σ)))."""
+    t = torch.tensor([sigma, sigma_next], dtype=torch.float32).log().neg()
+    mid = t[0] + (t[1] - t[0]) * 0.5
+    return float(t[0].neg().exp()), float(mid.neg().exp()), float(t[1].neg().exp())
 
 
 @torch.no_grad()
@@ -569,7 +580,7 @@ def sample_res_multistep(model, x, sigmas, *, extra_args=None, callback=None, ge
             x = x + (x - denoised) / sigma * (sigma_next - sigma)
         else:
             h = math.log(sigma) - math.log(sigma_next)
-            c2 = (math.log(levels[i - 1]) - math.log(sigma)) / h  # previous step's λ span over this one's
+            c2 = (math.log(sigma) - math.log(levels[i - 1])) / h  # (λ_prev - λ)/h < 0: D_prev lies behind
             phi_1 = math.expm1(-h) / -h
             phi_2 = (phi_1 - 1) / -h
             b2 = phi_2 / c2
