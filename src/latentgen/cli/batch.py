@@ -21,6 +21,7 @@ ITEM_KEYS = {
     "steps",
     "cfg",
     "sampler",
+    "scheduler",
     "width",
     "height",
     "num",

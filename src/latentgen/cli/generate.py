@@ -29,6 +29,7 @@ from .options import (
     PredictionOpt,
     QuietOpt,
     SamplerOpt,
+    SchedulerOpt,
     SeedOpt,
     SpacingOpt,
     StepsOpt,
@@ -46,6 +47,7 @@ def txt2img(
     steps: Optional[int] = StepsOpt,
     sampler: Optional[str] = SamplerOpt,
     karras: Optional[bool] = KarrasOpt,
+    scheduler: Optional[str] = SchedulerOpt,
     spacing: Optional[str] = SpacingOpt,
     cfg: Optional[float] = CfgOpt,
     eta: Optional[float] = EtaOpt,
@@ -92,7 +94,7 @@ def txt2img(
         note(f"model {sess.bundle.config.name} takes no text ({kind} conditioning): the prompt is only recorded", quiet)
     items = sess.read_items(prompt)
     sess.check_outputs(items, num)
-    defaults = sess.settings(steps, sampler, karras, spacing, cfg, eta, recipe=rec)
+    defaults = sess.settings(steps, sampler, karras, spacing, cfg, eta, recipe=rec, scheduler=scheduler)
     w0, h0 = sess.size(width, height, rec)
     pipelines.check_size(sess.bundle, w0, h0)
     base = base_seed(seed, quiet)
@@ -105,6 +107,7 @@ def txt2img(
             defaults.spacing,
             item.get("cfg", defaults.cfg),
             defaults.eta,
+            scheduler=item.get("scheduler", defaults.scheduler),
         )
         w, h = int(item.get("width", w0)), int(item.get("height", h0))
         text = item.get("prompt", "")
@@ -123,7 +126,8 @@ def txt2img(
             "negative": neg,
             "steps": st.steps,
             "sampler": st.sampler,
-            "karras": st.karras,
+            "scheduler": st.schedule_name,
+            "karras": st.schedule_name == "karras",
             "spacing": st.spacing,
             "cfg": st.cfg,
             "eta": st.eta,
@@ -197,6 +201,7 @@ def img2img(
     steps: Optional[int] = StepsOpt,
     sampler: Optional[str] = SamplerOpt,
     karras: Optional[bool] = KarrasOpt,
+    scheduler: Optional[str] = SchedulerOpt,
     spacing: Optional[str] = SpacingOpt,
     cfg: Optional[float] = CfgOpt,
     eta: Optional[float] = EtaOpt,
@@ -228,7 +233,7 @@ def img2img(
     _check_image_size(sess, init, image)
     items = sess.read_items(prompt)
     sess.check_outputs(items, num)
-    defaults = sess.settings(steps, sampler, karras, spacing, cfg, eta, strength)
+    defaults = sess.settings(steps, sampler, karras, spacing, cfg, eta, strength, scheduler=scheduler)
     base = base_seed(seed, quiet)
 
     def make(item, seeds):
@@ -240,6 +245,7 @@ def img2img(
             item.get("cfg", defaults.cfg),
             defaults.eta,
             item.get("strength", strength),
+            scheduler=item.get("scheduler", defaults.scheduler),
         )
         text, neg = item.get("prompt", ""), item.get("negative", negative or "")
         bar = sess.progress(st.steps, text[:40] or "img2img")
@@ -261,7 +267,8 @@ def img2img(
             "negative": neg,
             "steps": st.steps,
             "sampler": st.sampler,
-            "karras": st.karras,
+            "scheduler": st.schedule_name,
+            "karras": st.schedule_name == "karras",
             "spacing": st.spacing,
             "cfg": st.cfg,
             "eta": st.eta,
@@ -296,6 +303,7 @@ def inpaint(
     steps: Optional[int] = StepsOpt,
     sampler: Optional[str] = SamplerOpt,
     karras: Optional[bool] = KarrasOpt,
+    scheduler: Optional[str] = SchedulerOpt,
     spacing: Optional[str] = SpacingOpt,
     cfg: Optional[float] = CfgOpt,
     eta: Optional[float] = EtaOpt,
@@ -352,7 +360,7 @@ def inpaint(
     _check_image_size(sess, init, image + (f" extended by {extend}" if extend else ""))
     items = sess.read_items(prompt)
     sess.check_outputs(items, num)
-    defaults = sess.settings(steps, sampler, karras, spacing, cfg, eta, strength)
+    defaults = sess.settings(steps, sampler, karras, spacing, cfg, eta, strength, scheduler=scheduler)
     base = base_seed(seed, quiet)
 
     def make(item, seeds):
@@ -364,6 +372,7 @@ def inpaint(
             item.get("cfg", defaults.cfg),
             defaults.eta,
             item.get("strength", strength),
+            scheduler=item.get("scheduler", defaults.scheduler),
         )
         text, neg = item.get("prompt", ""), item.get("negative", negative or "")
         n = len(seeds)
@@ -387,7 +396,8 @@ def inpaint(
             "negative": neg,
             "steps": st.steps,
             "sampler": st.sampler,
-            "karras": st.karras,
+            "scheduler": st.schedule_name,
+            "karras": st.schedule_name == "karras",
             "spacing": st.spacing,
             "cfg": st.cfg,
             "eta": st.eta,
@@ -426,6 +436,7 @@ def superres(
     steps: Optional[int] = StepsOpt,
     sampler: Optional[str] = SamplerOpt,
     karras: Optional[bool] = KarrasOpt,
+    scheduler: Optional[str] = SchedulerOpt,
     spacing: Optional[str] = SpacingOpt,
     eta: Optional[float] = EtaOpt,
     seed: Optional[int] = SeedOpt,
@@ -484,7 +495,9 @@ def superres(
         raise ConfigError(f"--scale {scale}: model {name} upscales by {f}")
     _check_image_size(sess, low, image, scale=f)
     sess.check_outputs([{}], num)
-    defaults = sess.settings(steps, sampler, karras, spacing, cfg if text_guided else 1.0, eta, recipe=rec)
+    defaults = sess.settings(
+        steps, sampler, karras, spacing, cfg if text_guided else 1.0, eta, recipe=rec, scheduler=scheduler
+    )
     base = base_seed(seed, quiet)
     text, neg = prompt or "", negative or ""
 
@@ -510,7 +523,8 @@ def superres(
             "negative": neg,
             "steps": defaults.steps,
             "sampler": defaults.sampler,
-            "karras": defaults.karras,
+            "scheduler": defaults.schedule_name,
+            "karras": defaults.schedule_name == "karras",
             "spacing": defaults.spacing,
             "cfg": defaults.cfg,
             "eta": defaults.eta,
