@@ -122,6 +122,32 @@ def test_txt2img_images_records_and_metadata_match_pipeline(models):
     assert {k: v for k, v in recs[1].items() if k not in ("path", "seconds")} == recipe
 
 
+@pytest.mark.parametrize(
+    "args,sampler,scheduler,shown",
+    [
+        ([], "dpmpp_2m", "karras", "Sampler: DPM++ 2M Karras, CFG"),
+        (["--sampler", "ddim"], "ddim", "normal", "Sampler: DDIM, Schedule type: Normal, CFG"),
+        (["--sampler", "DPM2 a Karras"], "dpm2_a", "karras", "Sampler: DPM2 a Karras, CFG"),
+        (["--sampler", "euler", "--scheduler", "ays"], "euler", "ays", "Sampler: Euler, Schedule type: Align Your"),
+        (["--sampler", "uni_pc", "--karras"], "uni_pc", "karras", "Sampler: UniPC Karras, CFG"),
+    ],
+)
+def test_schedule_follows_the_sampler_and_is_recorded(models, args, sampler, scheduler, shown):
+    """The CLI runs what it records: the pipeline's pixels with that sampler and schedule (within the 1/255 the
+    CLI's weight handling may round differently, cf. test_low_memory_gives_the_same_png), and not another's."""
+    common = ("--model", models["sd1"], "--seed", 5, "--steps", 4, "--dtype", "fp32", "--json", "--out", "s.png")
+    r = cli("txt2img", "a dot", *common, *args)
+    assert r.exit_code == 0, r.stderr
+    rec = json_lines(r.stdout)[0]
+    assert (rec["sampler"], rec["scheduler"]) == (sampler, scheduler)
+    assert shown in read_png_text("s.png")["parameters"]
+    b = load_model(models["sd1"])
+    got = pixels("s.png").astype(int)
+    for sched, same in ((scheduler, True), ("normal" if scheduler != "normal" else "karras", False)):
+        ref = pipelines.txt2img(b, ["a dot"], [""], [5], 16, 16, Settings(steps=4, sampler=sampler, scheduler=sched))
+        assert (np.abs(got - np.asarray(to_pil(ref[0])).astype(int)).max() <= 1) == same
+
+
 def test_recipe_regenerates_bit_exactly(models):
     r = cli(
         "txt2img",
@@ -284,6 +310,7 @@ BAD = {
     "strength 0": (["img2img", "in.png", "x", "--strength", "0", "--model", "{sd1}"], "--strength"),
     "strength 1.5": (["img2img", "in.png", "x", "--strength", "1.5", "--model", "{sd1}"], "--strength"),
     "sampler": (["txt2img", "x", "--model", "{sd1}", "--sampler", "magic"], "magic"),
+    "scheduler": (["txt2img", "x", "--model", "{sd1}", "--scheduler", "zigzag"], "--scheduler"),
     "model name": (["txt2img", "x", "--model", "no-such-model"], "no-such-model"),
     "steps": (["txt2img", "x", "--model", "{sd1}", "--steps", "0"], "--steps"),
     "out dir": (["txt2img", "x", "--model", "{sd1}", "--out", "afile/{index}.png"], "afile"),
