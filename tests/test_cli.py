@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from latentgen import pipelines
 from latentgen.cli.app import app
+from latentgen.hires import Hires, txt2img_hires
 from latentgen.images import read_png_text, to_pil
 from latentgen.loading.bundle import load_model
 from latentgen.pipelines import Settings
@@ -146,6 +147,26 @@ def test_schedule_follows_the_sampler_and_is_recorded(models, args, sampler, sch
     for sched, same in ((scheduler, True), ("normal" if scheduler != "normal" else "karras", False)):
         ref = pipelines.txt2img(b, ["a dot"], [""], [5], 16, 16, Settings(steps=4, sampler=sampler, scheduler=sched))
         assert (np.abs(got - np.asarray(to_pil(ref[0])).astype(int)).max() <= 1) == same
+
+
+def test_hires_fix_writes_the_target_size_and_a1111_keys(models):
+    common = ("--model", models["sd1"], "--seed", 9, "--dtype", "fp32", "--json")
+    hires = ("--hires", 2, "--hires-steps", 3, "--hires-sampler", "Euler a")
+    r = cli("txt2img", "a dot", *common, *hires, "--out", "h.png")
+    assert r.exit_code == 0, r.stderr
+    rec = json_lines(r.stdout)[0]
+    assert pixels("h.png").shape == (32, 32, 3) and rec["width"] == 16 and rec["hires"]["width"] == 32
+    params = read_png_text("h.png")["parameters"]
+    for field in ("Size: 16x16", "Denoising strength: 0.7", "Hires upscale: 2", "Hires steps: 3"):
+        assert field in params, params
+    assert "Hires upscaler: Latent" in params and "Hires sampler: Euler a" in params
+    b = load_model(models["sd1"])
+    st = Settings(steps=2)
+    ref = txt2img_hires(b, ["a dot"], [""], [9], 16, 16, st, Hires(2.0, steps=3, sampler="euler_a"))
+    assert np.abs(pixels("h.png").astype(int) - np.asarray(to_pil(ref[0])).astype(int)).max() <= 1
+    r2 = cli("txt2img", "--recipe", "h.png", "--out", "h2.png")
+    assert r2.exit_code == 0, r2.stderr
+    assert np.array_equal(pixels("h.png"), pixels("h2.png"))
 
 
 def test_recipe_regenerates_bit_exactly(models):
@@ -311,6 +332,9 @@ BAD = {
     "strength 1.5": (["img2img", "in.png", "x", "--strength", "1.5", "--model", "{sd1}"], "--strength"),
     "sampler": (["txt2img", "x", "--model", "{sd1}", "--sampler", "magic"], "magic"),
     "scheduler": (["txt2img", "x", "--model", "{sd1}", "--scheduler", "zigzag"], "--scheduler"),
+    "hires scale": (["txt2img", "x", "--model", "{sd1}", "--hires", "0.5"], "--hires 0.5"),
+    "hires upscaler": (["txt2img", "x", "--model", "{sd1}", "--hires", "2", "--hires-upscaler", "esr"], "--hires-up"),
+    "hires off": (["txt2img", "x", "--model", "{sd1}", "--hires-steps", "3"], "needs --hires"),
     "model name": (["txt2img", "x", "--model", "no-such-model"], "no-such-model"),
     "steps": (["txt2img", "x", "--model", "{sd1}", "--steps", "0"], "--steps"),
     "out dir": (["txt2img", "x", "--model", "{sd1}", "--out", "afile/{index}.png"], "afile"),

@@ -11,6 +11,13 @@ import json
 
 from .errors import ConfigError
 
+# Hires-fix upscalers (hires.py) → A1111's "Hires upscaler" labels.
+HIRES_UPSCALERS = {
+    "latent": "Latent",
+    "latent-bicubic": "Latent (bicubic)",
+    "latent-antialiased": "Latent (antialiased)",
+    "lanczos": "Lanczos",
+}
 # Schedule suffixes A1111 put in sampler names before it had a "Schedule type" field.
 LEGACY_SUFFIXES = {" karras": "karras", " exponential": "exponential"}
 AUTOMATIC = ("automatic", "")  # A1111: the sampler's own default
@@ -98,5 +105,20 @@ def png_text(meta: dict) -> dict[str, str]:
     ]
     if meta.get("strength") is not None and meta["task"] != "txt2img":
         fields.append(f"Denoising strength: {meta['strength']}")
+    if meta.get("hires"):
+        fields += _hires_fields(meta["hires"])
     lines.append(", ".join(fields))
     return {"parameters": "\n".join(lines), "latentgen": json.dumps(meta)}
+
+
+def _hires_fields(h: dict) -> list[str]:
+    """A1111's hires-fix keys (its "Size" stays the first pass's)."""
+    fields = [f"Denoising strength: {h['strength']}", f"Hires upscale: {h['scale']:g}"]
+    if h.get("steps"):
+        fields.append(f"Hires steps: {h['steps']}")
+    fields.append(f"Hires upscaler: {HIRES_UPSCALERS.get(h['upscaler'], h['upscaler'])}")
+    if h.get("sampler"):
+        fields.append(f"Hires sampler: {a1111_sampler_label(h['sampler'])}")
+    if h.get("prompt"):
+        fields.append(f"Hires prompt: {h['prompt']}")
+    return fields

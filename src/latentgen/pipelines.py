@@ -358,6 +358,20 @@ def txt2img(
     settings: Settings,
     callback=None,
 ) -> torch.Tensor:
+    return decode(bundle, txt2img_latent(bundle, prompts, negatives, seeds, width, height, settings, callback))
+
+
+def txt2img_latent(
+    bundle: ModelBundle,
+    prompts: list,
+    negatives: list,
+    seeds: list[int],
+    width: int,
+    height: int,
+    settings: Settings,
+    callback=None,
+) -> torch.Tensor:
+    """txt2img up to the scaled latent (before the decoder)."""
     settings.check()
     check_size(bundle, width, height)
     if bundle.config.concat is not None:
@@ -372,7 +386,7 @@ def txt2img(
     x = prepare_noise(noise, sigmas, settings.sampler, settings.spacing)
     cond, uncond = encode_prompts(bundle, prompts, negatives, settings.cfg)
     x = _sample(bundle, x, sigmas, settings, cond, uncond, gens, callback)
-    return decode(bundle, to_latent(x, sigmas[-1]))
+    return to_latent(x, sigmas[-1])
 
 
 def img2img(
@@ -389,12 +403,19 @@ def img2img(
     check_size(bundle, images.shape[-1], images.shape[-2])
     gens = generators(seeds)
     z0 = encode(bundle, images, gens)
+    return decode(bundle, img2img_latent(bundle, z0, prompts, negatives, gens, settings, callback))
+
+
+def img2img_latent(
+    bundle: ModelBundle, z0: torch.Tensor, prompts: list, negatives: list, gens: list, settings: Settings, callback=None
+) -> torch.Tensor:
+    """SDEdit from a scaled latent: noise it to the strength's σ with the next draws of `gens`, run the tail."""
     sigmas = tail(sigmas_for(bundle, settings), settings.strength)
     noise = randn(tuple(z0.shape), gens, z0.device)
     x = noise_for_img2img(z0.float(), noise, sigmas[0])
     cond, uncond = encode_prompts(bundle, prompts, negatives, settings.cfg)
     x = _sample(bundle, x, sigmas, settings, cond, uncond, gens, callback)
-    return decode(bundle, to_latent(x, sigmas[-1]))
+    return to_latent(x, sigmas[-1])
 
 
 def inpaint(

@@ -525,7 +525,10 @@ def _with_uncond(model, x, sigma: float, extra_args) -> tuple[torch.Tensor, torc
     """(guided D, unconditional D) from a model that offers `with_uncond` (denoiser.CFGDenoiser does)."""
     fn = getattr(model, "with_uncond", None)
     if fn is None:
-        raise ConfigError("CFG++ samplers need the guided denoiser (CFGDenoiser); pick a sampler without _cfg_pp")
+        raise ConfigError(
+            "the CFG++ samplers need the unconditional estimate, which inpainting with an ordinary model does not "
+            "expose: pick another --sampler"
+        )
     return fn(x, x.new_full((x.shape[0],), sigma), **(extra_args or {}))
 
 

@@ -49,8 +49,8 @@ AYS_LEVELS = {
 }  # fmt: skip
 
 # The scheduler a sampler uses when none is named: A1111's per-sampler defaults (sd_samplers_kdiffusion: DPM++ and
-# DPM2 samplers on Karras, DPM++ 2M SDE / 3M SDE on exponential), everything else on the model's own timesteps
-# — DDIM, PLMS and DDPM are defined on them.
+# DPM2 samplers on Karras, DPM++ 2M SDE Heun / 3M SDE on exponential; dpmpp_2m_sde keeps its Karras default here),
+# everything else on the model's own timesteps — DDIM, PLMS and DDPM are defined on them.
 DEFAULT_SCHEDULERS = {
     "dpmpp_2m": "karras",
     "dpmpp_2m_sde": "karras",
@@ -60,6 +60,7 @@ DEFAULT_SCHEDULERS = {
     "dpmpp_2s_a": "karras",
     "dpm2": "karras",
     "dpm2_a": "karras",
+    "lcm": "sgm_uniform",  # ComfyUI's advice for LCM models: near LCMScheduler's own timesteps
 }
 
 # name → A1111's "Schedule type" label (A1111 1.9+; read back case-insensitively, "Automatic"/"Uniform" → normal).

@@ -67,9 +67,20 @@ def txt2img(
     ema: bool = EmaOpt,
     low_memory: Optional[bool] = LowMemOpt,
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Regenerate the image whose PNG recipe this is."),
+    hires: Optional[float] = typer.Option(
+        None, "--hires", help="Hires fix: upscale the first pass by SCALE, then refine it with img2img."
+    ),
+    hires_steps: Optional[int] = typer.Option(None, "--hires-steps", help="Second-pass steps (default: --steps)."),
+    hires_strength: float = typer.Option(0.7, "--hires-strength", help="Second-pass denoising strength, (0, 1]."),
+    hires_upscaler: str = typer.Option(
+        "latent", "--hires-upscaler", help="latent, latent-bicubic, latent-antialiased or lanczos (decode, resize)."
+    ),
+    hires_sampler: Optional[str] = typer.Option(None, "--hires-sampler", help="Second-pass sampler (default: same)."),
+    hires_prompt: Optional[str] = typer.Option(None, "--hires-prompt", help="Second-pass prompt (default: same)."),
 ) -> None:
     """Generate images from text (or class labels, or nothing for unconditional models)."""
     rec = _recipe(recipe)
+    hires_fix = _hires_options(rec, hires, hires_steps, hires_strength, hires_upscaler, hires_sampler, hires_prompt)
     if rec:
         prompt = rec.get("prompt", "") if prompt is None else prompt
         negative = rec.get("negative", "") if negative is None else negative
@@ -115,9 +126,15 @@ def txt2img(
         conds = [item.get("class", class_label)] * len(seeds) if kind == "class" else [text] * len(seeds)
         if kind == "class" and conds[0] is None:
             raise ConfigError('this model is class-conditional: give the item a "class" or pass --class N')
-        bar = sess.progress(st.steps, text[:40] or "txt2img")
+        total = st.steps + (int(hires_fix.second_pass(st).steps * hires_fix.strength) if hires_fix else 0)
+        bar = sess.progress(total, text[:40] or "txt2img")
         try:
-            imgs = pipelines.txt2img(sess.bundle, conds, [neg] * len(seeds), seeds, w, h, st, callback=bar)
+            if hires_fix is None:
+                imgs = pipelines.txt2img(sess.bundle, conds, [neg] * len(seeds), seeds, w, h, st, callback=bar)
+            else:
+                from ..hires import txt2img_hires
+
+                imgs = txt2img_hires(sess.bundle, conds, [neg] * len(seeds), seeds, w, h, st, hires_fix, callback=bar)
         finally:
             bar.close()
         meta = {
@@ -139,6 +156,8 @@ def txt2img(
         }
         if kind == "class":
             meta["class"] = conds[0]
+        if hires_fix is not None:
+            meta["hires"] = _hires_record(sess, hires_fix, st, w, h)
         return imgs, meta
 
     run_generation(sess, items, base, num, make, {})
@@ -539,3 +558,43 @@ def superres(
 
     run_generation(sess, [{"prompt": text}], base, num, make, {})
     sess.finish()
+
+
+def _hires_options(rec: dict, scale, steps, strength, upscaler, sampler, prompt):
+    """The hires fix asked for (--hires), or the one in the recipe, or None."""
+    from ..hires import Hires
+
+    if scale is None and rec.get("hires"):
+        r = rec["hires"]
+        return Hires(r["scale"], r.get("steps"), r["strength"], r["upscaler"], r.get("sampler"), r.get("prompt"))
+    if scale is None:
+        extra = (("--hires-steps", steps), ("--hires-sampler", sampler), ("--hires-prompt", prompt))
+        given = [n for n, v in extra if v is not None]
+        if given:
+            raise ConfigError(f"{given[0]} needs --hires SCALE (the hires fix is off without it)")
+        return None
+    if sampler is not None:
+        from ..infotext import sampler_from_a1111
+
+        sampler = sampler_from_a1111(sampler)[0]
+    h = Hires(float(scale), steps, float(strength), upscaler, sampler, prompt)
+    h.check()
+    return h
+
+
+def _hires_record(sess, h, st, w: int, h0: int) -> dict:
+    from ..hires import target_size
+
+    tw, th = target_size(sess.bundle, w, h0, h.scale)
+    second = h.second_pass(st)
+    return {
+        "scale": h.scale,
+        "steps": h.steps,
+        "strength": h.strength,
+        "upscaler": h.upscaler,
+        "sampler": h.sampler,
+        "scheduler": second.schedule_name,
+        "prompt": h.prompt,
+        "width": tw,
+        "height": th,
+    }
