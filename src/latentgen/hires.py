@@ -60,10 +60,10 @@ def target_size(bundle: ModelBundle, width: int, height: int, scale: float) -> t
     return max(m, int(width * scale) // m * m), max(m, int(height * scale) // m * m)
 
 
-def upscale_latent(bundle: ModelBundle, z: torch.Tensor, width: int, height: int, upscaler: str, seeds: list[int]):
+def upscale_latent(bundle: ModelBundle, z, width: int, height: int, upscaler: str, seeds: list[int], rng="cpu"):
     """The scaled latent z enlarged to the latent of a width × height image, and the generators the second pass
     draws from (fresh ones from the seeds; after the encoder's posterior sample for `lanczos`)."""
-    gens = pipelines.generators(seeds)
+    gens = pipelines.generators(seeds, rng)
     f = bundle.config.factor
     size = (height // f, width // f)
     if upscaler != "lanczos":
@@ -98,7 +98,7 @@ def txt2img_hires(
     second = hires.second_pass(settings)
     z = pipelines.txt2img_latent(bundle, prompts, negatives, seeds, width, height, settings, callback)
     w2, h2 = target_size(bundle, width, height, hires.scale)
-    up, gens = upscale_latent(bundle, z, w2, h2, hires.upscaler, seeds)
+    up, gens = upscale_latent(bundle, z, w2, h2, hires.upscaler, seeds, settings.rng)
     p2 = [hires.prompt] * len(seeds) if hires.prompt is not None else prompts
     n2 = [hires.negative] * len(seeds) if hires.negative is not None else negatives
     return pipelines.decode(bundle, pipelines.img2img_latent(bundle, up, p2, n2, gens, second, callback))

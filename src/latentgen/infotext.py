@@ -105,6 +105,12 @@ def png_text(meta: dict) -> dict[str, str]:
     ]
     if meta.get("strength") is not None and meta["task"] != "txt2img":
         fields.append(f"Denoising strength: {meta['strength']}")
+    if meta.get("subseed") is not None and meta.get("subseed_strength"):
+        fields += [f"Variation seed: {meta['subseed']}", f"Variation seed strength: {meta['subseed_strength']}"]
+    if meta.get("ensd"):
+        fields.append(f"ENSD: {meta['ensd']}")
+    if meta.get("rng") in ("nv", "cuda"):  # A1111 reads no RNG field as its default, the GPU
+        fields.append(f"RNG: {'NV' if meta['rng'] == 'nv' else 'GPU'}")
     if meta.get("hires"):
         fields += _hires_fields(meta["hires"])
     lines.append(", ".join(fields))

@@ -31,6 +31,7 @@ from .denoiser import (
 )
 from .errors import ConfigError, InputError
 from .loading.bundle import ModelBundle, make_low_scale_schedule
+from .noise import RNGS, make_generator, slerp
 from .samplers import get_sampler, randn
 from .schedulers import check_scheduler, default_scheduler
 
@@ -46,6 +47,10 @@ class Settings:
     strength: float = 0.75  # img2img / inpaint with an ordinary model
     extra: dict = field(default_factory=dict)
     scheduler: str | None = None  # schedulers.SCHEDULERS; None: the sampler's default (default_scheduler)
+    rng: str = "cpu"  # noise.RNGS
+    subseed: int | None = None  # A1111 variation seed (image i: subseed + i), blended in at subseed_strength
+    subseed_strength: float = 0.0
+    ensd: int = 0  # A1111's eta noise seed delta: step noise from seed + ensd
 
     @property
     def schedule_name(self) -> str:
@@ -65,10 +70,28 @@ class Settings:
             raise ConfigError(f"--spacing must be leading, trailing or linspace, not '{self.spacing}'")
         get_sampler(self.sampler)
         check_scheduler(self.schedule_name)
+        if self.rng not in RNGS:
+            raise ConfigError(f"unknown --rng '{self.rng}'; choose one of {', '.join(RNGS)}")
+        if not 0.0 <= self.subseed_strength <= 1.0:
+            raise ConfigError(f"--subseed-strength must be in [0, 1], not {self.subseed_strength}")
 
 
-def generators(seeds: list[int]) -> list[torch.Generator]:
-    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+def generators(seeds: list[int], rng: str = "cpu") -> list:
+    """One generator per image (noise.make_generator: CPU torch, CUDA torch or A1111's NV Philox)."""
+    return [make_generator(s, rng) for s in seeds]
+
+
+def initial_noise(shape, seeds: list[int], gens: list, settings: Settings, device) -> tuple[torch.Tensor, list]:
+    """Each image's starting noise from its generator, blended with its variation seed's noise when asked
+    (A1111: variation seed subseed + i, slerp at subseed_strength), and the generators the sampler draws its
+    step noise from (re-seeded with seed + ENSD when an eta noise seed delta is set, as A1111)."""
+    noise = randn(shape, gens, device)
+    if settings.subseed is not None and settings.subseed_strength != 0:
+        sub = randn(shape, generators([settings.subseed + i for i in range(len(seeds))], settings.rng), device)
+        noise = torch.stack([slerp(settings.subseed_strength, a, b) for a, b in zip(noise, sub)])
+    if settings.ensd:
+        gens = generators([s + settings.ensd for s in seeds], settings.rng)
+    return noise, gens
 
 
 def size_multiple(bundle: ModelBundle) -> int:
@@ -380,9 +403,9 @@ def txt2img_latent(
             f"{'inpaint' if bundle.config.concat == 'inpaint' else 'superres'}`"
         )
     device, dtype = _params(bundle)
-    gens = generators(seeds)
+    gens = generators(seeds, settings.rng)
     sigmas = sigmas_for(bundle, settings)
-    noise = randn(latent_shape(bundle, len(seeds), width, height), gens, device)
+    noise, gens = initial_noise(latent_shape(bundle, len(seeds), width, height), seeds, gens, settings, device)
     x = prepare_noise(noise, sigmas, settings.sampler, settings.spacing)
     cond, uncond = encode_prompts(bundle, prompts, negatives, settings.cfg)
     x = _sample(bundle, x, sigmas, settings, cond, uncond, gens, callback)
@@ -401,7 +424,7 @@ def img2img(
     """SDEdit: encode, noise to the strength's σ, run the tail of the schedule."""
     settings.check()
     check_size(bundle, images.shape[-1], images.shape[-2])
-    gens = generators(seeds)
+    gens = generators(seeds, settings.rng)
     z0 = encode(bundle, images, gens)
     return decode(bundle, img2img_latent(bundle, z0, prompts, negatives, gens, settings, callback))
 
@@ -440,7 +463,7 @@ def inpaint(
         )
     masks = (masks >= 0.5).to(images.dtype)
     device, dtype = _params(bundle)
-    gens = generators(seeds)
+    gens = generators(seeds, settings.rng)
     cond, uncond = encode_prompts(bundle, prompts, negatives, settings.cfg)
     sigmas = sigmas_for(bundle, settings)
     n = images.shape[0]
@@ -537,7 +560,7 @@ def superres(
         raise InputError(f"{bundle.config.name} is not a super-resolution model (its UNet takes no low-res image)")
     level = noise_level_for(bundle, noise_level)
     device, dtype = _params(bundle)
-    gens = generators(seeds)
+    gens = generators(seeds, settings.rng)
     n, _, h, w = images.shape
     lowres = (images * 2 - 1).to(device)
     extra = {}

@@ -28,15 +28,24 @@ import torch
 from .errors import ConfigError
 
 
+def _draw(shape, generator) -> torch.Tensor:
+    if hasattr(generator, "randn"):  # a counter-based generator of its own (noise.PhiloxGenerator)
+        return generator.randn(shape)
+    if generator is not None and generator.device.type != "cpu":  # --rng cuda: drawn where the generator lives
+        return torch.randn(tuple(shape), generator=generator, device=generator.device)
+    return torch.randn(tuple(shape), generator=generator)
+
+
 def randn(shape, generator, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Unit noise drawn on the CPU (one generator, or one per batch item, as diffusers' randn_tensor with a
-    generator list), then moved to `device`: results do not depend on the device or the batch."""
+    """Unit noise from `generator` (one, or one per batch item, as diffusers' randn_tensor with a generator
+    list), then moved to `device`. CPU generators (the default) make results independent of the device and the
+    batch; see noise.py for the CUDA and NV sources."""
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ConfigError(f"got {len(generator)} generators for a batch of {shape[0]}; pass one per image")
-        noise = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generator])
+        noise = torch.cat([_draw((1, *shape[1:]), g).to(device) for g in generator])
     else:
-        noise = torch.randn(tuple(shape), generator=generator)
+        noise = _draw(shape, generator)
     return noise.to(device, dtype)
 
 

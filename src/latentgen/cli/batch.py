@@ -95,6 +95,7 @@ def run_generation(sess: Session, items: list[dict], seed: int, num: int, make, 
                 "item": k,
                 **meta,
                 "seed": s,
+                **({"subseed": meta["subseed"] + i} if meta.get("subseed") is not None else {}),  # A1111: V + i
                 "model": sess.bundle.config.name,
                 "model_hash": sess.model_hash,
                 "dtype": str(sess.dtype).replace("torch.", ""),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import typer
@@ -77,9 +78,20 @@ def txt2img(
     ),
     hires_sampler: Optional[str] = typer.Option(None, "--hires-sampler", help="Second-pass sampler (default: same)."),
     hires_prompt: Optional[str] = typer.Option(None, "--hires-prompt", help="Second-pass prompt (default: same)."),
+    rng: Optional[str] = typer.Option(
+        None, "--rng", help="Noise source: cpu (default; diffusers, ComfyUI), cuda (A1111 'GPU'), nv (A1111 'NV')."
+    ),
+    subseed: Optional[int] = typer.Option(None, "--subseed", help="A1111 variation seed V (image i: V+i)."),
+    subseed_strength: Optional[float] = typer.Option(
+        None, "--subseed-strength", help="How far towards the variation seed's noise, 0..1 (A1111's slerp)."
+    ),
+    ensd: Optional[int] = typer.Option(
+        None, "--eta-noise-seed-delta", help="A1111's ENSD: step noise of ancestral/SDE samplers from seed + N."
+    ),
 ) -> None:
     """Generate images from text (or class labels, or nothing for unconditional models)."""
     rec = _recipe(recipe)
+    seeding = _seed_options(rec, rng, subseed, subseed_strength, ensd)
     hires_fix = _hires_options(rec, hires, hires_steps, hires_strength, hires_upscaler, hires_sampler, hires_prompt)
     if rec:
         prompt = rec.get("prompt", "") if prompt is None else prompt
@@ -106,6 +118,8 @@ def txt2img(
     items = sess.read_items(prompt)
     sess.check_outputs(items, num)
     defaults = sess.settings(steps, sampler, karras, spacing, cfg, eta, recipe=rec, scheduler=scheduler)
+    defaults = replace(defaults, **seeding)
+    defaults.check()
     w0, h0 = sess.size(width, height, rec)
     pipelines.check_size(sess.bundle, w0, h0)
     base = base_seed(seed, quiet)
@@ -120,6 +134,8 @@ def txt2img(
             defaults.eta,
             scheduler=item.get("scheduler", defaults.scheduler),
         )
+        sub = None if defaults.subseed is None else defaults.subseed + (seeds[0] - base)  # advances with the seed
+        st = replace(st, **{**seeding, "subseed": sub})
         w, h = int(item.get("width", w0)), int(item.get("height", h0))
         text = item.get("prompt", "")
         neg = item.get("negative", negative or "")
@@ -158,6 +174,7 @@ def txt2img(
             meta["class"] = conds[0]
         if hires_fix is not None:
             meta["hires"] = _hires_record(sess, hires_fix, st, w, h)
+        meta.update(rng=st.rng, subseed=st.subseed, subseed_strength=st.subseed_strength, ensd=st.ensd)
         return imgs, meta
 
     run_generation(sess, items, base, num, make, {})
@@ -598,3 +615,16 @@ def _hires_record(sess, h, st, w: int, h0: int) -> dict:
         "width": tw,
         "height": th,
     }
+
+
+def _seed_options(rec: dict, rng, subseed, strength, ensd) -> dict:
+    """--rng, --subseed, --subseed-strength and --eta-noise-seed-delta, else the recipe's, else the defaults."""
+    out = {
+        "rng": rng or rec.get("rng") or "cpu",
+        "subseed": subseed if subseed is not None else rec.get("subseed"),
+        "subseed_strength": float(strength if strength is not None else rec.get("subseed_strength") or 0.0),
+        "ensd": int(ensd if ensd is not None else rec.get("ensd") or 0),
+    }
+    if out["subseed_strength"] and out["subseed"] is None:
+        raise ConfigError("--subseed-strength needs --subseed V (the variation seed to blend towards)")
+    return out
