@@ -169,6 +169,25 @@ def test_hires_fix_writes_the_target_size_and_a1111_keys(models):
     assert np.array_equal(pixels("h.png"), pixels("h2.png"))
 
 
+def test_variation_seed_and_nv_rng_are_recorded_and_replayed(models):
+    common = ("--model", models["sd1"], "--seed", 20, "--num", 2, "--dtype", "fp32", "--json", "--sampler", "euler_a")
+    seeding = ("--rng", "nv", "--subseed", 70, "--subseed-strength", 0.25, "--eta-noise-seed-delta", 31337)
+    r = cli("txt2img", "a dot", *common, *seeding, "--out", "v{i}.png")
+    assert r.exit_code == 0, r.stderr
+    recs = json_lines(r.stdout)
+    assert [x["subseed"] for x in recs] == [70, 71] and recs[1]["rng"] == "nv"
+    params = read_png_text("v1.png")["parameters"]
+    for field in ("Seed: 21", "Variation seed: 71", "Variation seed strength: 0.25", "ENSD: 31337", "RNG: NV"):
+        assert field in params, params
+    b = load_model(models["sd1"])
+    st = Settings(steps=2, sampler="euler_a", rng="nv", subseed=70, subseed_strength=0.25, ensd=31337)
+    ref = pipelines.txt2img(b, ["a dot"] * 2, [""] * 2, [20, 21], 16, 16, st)
+    assert np.abs(pixels("v1.png").astype(int) - np.asarray(to_pil(ref[1])).astype(int)).max() <= 1
+    r2 = cli("txt2img", "--recipe", "v1.png", "--out", "w.png")
+    assert r2.exit_code == 0, r2.stderr
+    assert np.array_equal(pixels("v1.png"), pixels("w.png"))
+
+
 def test_recipe_regenerates_bit_exactly(models):
     r = cli(
         "txt2img",
@@ -335,6 +354,8 @@ BAD = {
     "hires scale": (["txt2img", "x", "--model", "{sd1}", "--hires", "0.5"], "--hires 0.5"),
     "hires upscaler": (["txt2img", "x", "--model", "{sd1}", "--hires", "2", "--hires-upscaler", "esr"], "--hires-up"),
     "hires off": (["txt2img", "x", "--model", "{sd1}", "--hires-steps", "3"], "needs --hires"),
+    "rng": (["txt2img", "x", "--model", "{sd1}", "--rng", "mt"], "--rng"),
+    "subseed strength": (["txt2img", "x", "--model", "{sd1}", "--subseed-strength", "0.5"], "--subseed"),
     "model name": (["txt2img", "x", "--model", "no-such-model"], "no-such-model"),
     "steps": (["txt2img", "x", "--model", "{sd1}", "--steps", "0"], "--steps"),
     "out dir": (["txt2img", "x", "--model", "{sd1}", "--out", "afile/{index}.png"], "afile"),
