@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from latentgen import pipelines
 from latentgen.cli.app import app
+from latentgen.hires import Hires, txt2img_hires
 from latentgen.images import read_png_text, to_pil
 from latentgen.loading.bundle import load_model
 from latentgen.pipelines import Settings
@@ -122,6 +123,71 @@ def test_txt2img_images_records_and_metadata_match_pipeline(models):
         assert field in params[2]
     recipe = json.loads(text["latentgen"])
     assert {k: v for k, v in recs[1].items() if k not in ("path", "seconds")} == recipe
+
+
+@pytest.mark.parametrize(
+    "args,sampler,scheduler,shown",
+    [
+        ([], "dpmpp_2m", "karras", "Sampler: DPM++ 2M Karras, CFG"),
+        (["--sampler", "ddim"], "ddim", "normal", "Sampler: DDIM, Schedule type: Normal, CFG"),
+        (["--sampler", "DPM2 a Karras"], "dpm2_a", "karras", "Sampler: DPM2 a Karras, CFG"),
+        (["--sampler", "euler", "--scheduler", "ays"], "euler", "ays", "Sampler: Euler, Schedule type: Align Your"),
+        (["--sampler", "uni_pc", "--karras"], "uni_pc", "karras", "Sampler: UniPC Karras, CFG"),
+    ],
+)
+def test_schedule_follows_the_sampler_and_is_recorded(models, args, sampler, scheduler, shown):
+    """The CLI runs what it records: the pipeline's pixels with that sampler and schedule (within the 1/255 the
+    CLI's weight handling may round differently, cf. test_low_memory_gives_the_same_png), and not another's."""
+    common = ("--model", models["sd1"], "--seed", 5, "--steps", 4, "--dtype", "fp32", "--json", "--out", "s.png")
+    r = cli("txt2img", "a dot", *common, *args)
+    assert r.exit_code == 0, r.stderr
+    rec = json_lines(r.stdout)[0]
+    assert (rec["sampler"], rec["scheduler"]) == (sampler, scheduler)
+    assert shown in read_png_text("s.png")["parameters"]
+    b = load_model(models["sd1"])
+    got = pixels("s.png").astype(int)
+    for sched, same in ((scheduler, True), ("normal" if scheduler != "normal" else "karras", False)):
+        ref = pipelines.txt2img(b, ["a dot"], [""], [5], 16, 16, Settings(steps=4, sampler=sampler, scheduler=sched))
+        assert (np.abs(got - np.asarray(to_pil(ref[0])).astype(int)).max() <= 1) == same
+
+
+def test_hires_fix_writes_the_target_size_and_a1111_keys(models):
+    common = ("--model", models["sd1"], "--seed", 9, "--dtype", "fp32", "--json")
+    hires = ("--hires", 2, "--hires-steps", 3, "--hires-sampler", "Euler a")
+    r = cli("txt2img", "a dot", *common, *hires, "--out", "h.png")
+    assert r.exit_code == 0, r.stderr
+    rec = json_lines(r.stdout)[0]
+    assert pixels("h.png").shape == (32, 32, 3) and rec["width"] == 16 and rec["hires"]["width"] == 32
+    params = read_png_text("h.png")["parameters"]
+    for field in ("Size: 16x16", "Denoising strength: 0.7", "Hires upscale: 2", "Hires steps: 3"):
+        assert field in params, params
+    assert "Hires upscaler: Latent" in params and "Hires sampler: Euler a" in params
+    b = load_model(models["sd1"])
+    st = Settings(steps=2)
+    ref = txt2img_hires(b, ["a dot"], [""], [9], 16, 16, st, Hires(2.0, steps=3, sampler="euler_a"))
+    assert np.abs(pixels("h.png").astype(int) - np.asarray(to_pil(ref[0])).astype(int)).max() <= 1
+    r2 = cli("txt2img", "--recipe", "h.png", "--out", "h2.png")
+    assert r2.exit_code == 0, r2.stderr
+    assert np.array_equal(pixels("h.png"), pixels("h2.png"))
+
+
+def test_variation_seed_and_nv_rng_are_recorded_and_replayed(models):
+    common = ("--model", models["sd1"], "--seed", 20, "--num", 2, "--dtype", "fp32", "--json", "--sampler", "euler_a")
+    seeding = ("--rng", "nv", "--subseed", 70, "--subseed-strength", 0.25, "--eta-noise-seed-delta", 31337)
+    r = cli("txt2img", "a dot", *common, *seeding, "--out", "v{i}.png")
+    assert r.exit_code == 0, r.stderr
+    recs = json_lines(r.stdout)
+    assert [x["subseed"] for x in recs] == [70, 71] and recs[1]["rng"] == "nv"
+    params = read_png_text("v1.png")["parameters"]
+    for field in ("Seed: 21", "Variation seed: 71", "Variation seed strength: 0.25", "ENSD: 31337", "RNG: NV"):
+        assert field in params, params
+    b = load_model(models["sd1"])
+    st = Settings(steps=2, sampler="euler_a", rng="nv", subseed=70, subseed_strength=0.25, ensd=31337)
+    ref = pipelines.txt2img(b, ["a dot"] * 2, [""] * 2, [20, 21], 16, 16, st)
+    assert np.abs(pixels("v1.png").astype(int) - np.asarray(to_pil(ref[1])).astype(int)).max() <= 1
+    r2 = cli("txt2img", "--recipe", "v1.png", "--out", "w.png")
+    assert r2.exit_code == 0, r2.stderr
+    assert np.array_equal(pixels("v1.png"), pixels("w.png"))
 
 
 def test_recipe_regenerates_bit_exactly(models):
@@ -331,6 +397,12 @@ BAD = {
     "strength 0": (["img2img", "in.png", "x", "--strength", "0", "--model", "{sd1}"], "--strength"),
     "strength 1.5": (["img2img", "in.png", "x", "--strength", "1.5", "--model", "{sd1}"], "--strength"),
     "sampler": (["txt2img", "x", "--model", "{sd1}", "--sampler", "magic"], "magic"),
+    "scheduler": (["txt2img", "x", "--model", "{sd1}", "--scheduler", "zigzag"], "--scheduler"),
+    "hires scale": (["txt2img", "x", "--model", "{sd1}", "--hires", "0.5"], "--hires 0.5"),
+    "hires upscaler": (["txt2img", "x", "--model", "{sd1}", "--hires", "2", "--hires-upscaler", "esr"], "--hires-up"),
+    "hires off": (["txt2img", "x", "--model", "{sd1}", "--hires-steps", "3"], "needs --hires"),
+    "rng": (["txt2img", "x", "--model", "{sd1}", "--rng", "mt"], "--rng"),
+    "subseed strength": (["txt2img", "x", "--model", "{sd1}", "--subseed-strength", "0.5"], "--subseed"),
     "model name": (["txt2img", "x", "--model", "no-such-model"], "no-such-model"),
     "steps": (["txt2img", "x", "--model", "{sd1}", "--steps", "0"], "--steps"),
     "out dir": (["txt2img", "x", "--model", "{sd1}", "--out", "afile/{index}.png"], "afile"),

@@ -29,6 +29,7 @@ LAYERS = {
     "loading": 2,
     "adapters": 2,
     "pipelines": 3,
+    "hires": 3,
     "training": 4,  # uses pipelines for its sample grids; pipelines never import training
     "cli": 5,
 }

@@ -24,14 +24,34 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError
+from .schedulers import check_scheduler, named_sigmas
 
 BETA_SCHEDULES = ("scaled_linear", "linear", "cosine")
 SPACINGS = ("leading", "trailing", "linspace")
 PREDICTIONS = ("eps", "v")
 
-# Sampler families by the diffusers scheduler whose timesteps they reproduce.
-EULER_FAMILY = ("euler", "euler_a", "heun")  # Euler[Ancestral]/HeunDiscreteScheduler: float t, x-space noise
-DPM_FAMILY = ("dpmpp_2m", "dpmpp_2m_sde")  # DPMSolverMultistepScheduler: n+1 grid, last point dropped
+# Sampler families by the diffusers scheduler whose timesteps they reproduce ("normal" schedule).
+EULER_FAMILY = (  # Euler[Ancestral]/Heun/LMS/KDPM2[Ancestral]/DPMSolverSDE/LCM-like: float t, x-space noise
+    "euler",
+    "euler_a",
+    "heun",
+    "lms",
+    "dpm2",
+    "dpm2_a",
+    "dpmpp_sde",
+    "dpmpp_2s_a",
+    "euler_cfg_pp",
+    "res_multistep",
+    "lcm",
+)
+DPM_FAMILY = (  # DPMSolverMultistep/UniPCMultistep: n+1 grid, last point dropped, integer t
+    "dpmpp_2m",
+    "dpmpp_2m_sde",
+    "dpmpp_2m_sde_heun",
+    "dpmpp_3m_sde",
+    "dpmpp_2m_cfg_pp",
+    "uni_pc",
+)
 DDIM_FAMILY = ("ddim", "plms")  # DDIM/PNDMScheduler: last step to ā_0 unless set_alpha_to_one
 SAMPLER_NAMES = EULER_FAMILY + DPM_FAMILY + DDIM_FAMILY + ("ddpm",)
 
@@ -116,17 +136,6 @@ class DiscreteSchedule:
 # --------------------------------------------------------------------------------------------------
 # choosing the noise levels of a sampling run
 # --------------------------------------------------------------------------------------------------
-def get_sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
-    """n noise levels σ_i = (σ_max^(1/ρ) + i/(n-1)·(σ_min^(1/ρ) - σ_max^(1/ρ)))^ρ and a final 0.
-
-    Karras et al. 2022 (arXiv 2206.00364), eq. 5; float64 maths as diffusers `_convert_to_karras`.
-    """
-    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
-    max_inv, min_inv = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    sigmas = (max_inv + ramp * (min_inv - max_inv)) ** rho
-    return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
-
-
 def _check_sampler(sampler: str) -> None:
     if sampler not in SAMPLER_NAMES:
         raise ConfigError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLER_NAMES)}")
@@ -162,24 +171,27 @@ def get_sigmas(
     *,
     sampler: str,
     spacing: str = "leading",
-    karras: bool = False,
+    scheduler: str = "normal",
     steps_offset: int = 1,
     set_alpha_to_one: bool = False,
+    ays_table: str = "sd1",
 ) -> torch.Tensor:
-    """The steps+1 noise levels (float32, descending) that `sampler` visits, as diffusers picks them.
+    """The noise levels (float32, descending) that `sampler` visits under `scheduler` (schedulers.py).
 
-    Timesteps follow the diffusers scheduler of the sampler's family (SD's setting is "leading" with
-    steps_offset 1); σ at fractional timesteps is interpolated linearly as diffusers does. The last
-    level is 0, except DDIM/PLMS which step to ā_0, i.e. σ(t=0), unless `set_alpha_to_one`.
-    Karras levels (diffusers use_karras_sigmas) span the spaced levels for the Euler family, the whole
-    model range [σ_min, σ_max] otherwise (DPMSolverMultistep), and always end at 0.
-    Heun visits each intermediate level twice internally; pass it this plain list.
+    "normal": the model's own timesteps as the diffusers scheduler of the sampler's family picks them
+    (SD's setting is "leading" with steps_offset 1), σ at fractional timesteps interpolated linearly as
+    diffusers does; the last level is 0, except DDIM/PLMS which step to ā_0, i.e. σ(t=0), unless
+    `set_alpha_to_one`. Other names come from schedulers.named_sigmas and end at 0. karras / exponential /
+    kl_optimal span the spaced "normal" levels for the Euler family (diffusers' Euler-type schedulers with
+    use_karras_sigmas / use_exponential_sigmas), the model's whole [σ_min, σ_max] otherwise (as
+    DPMSolverMultistep and ComfyUI). Heun and DPM2 visit intermediate levels internally; pass them this list.
 
     Known divergence: diffusers' DDIM/PNDM step from t to t - T//steps, which is the next listed
     timestep only for "leading" spacing and for "trailing" when steps divides T; we always step to the
     next listed timestep (the model is then called at the noise level the sample actually has).
     """
     _check_sampler(sampler)
+    check_scheduler(scheduler)
     if steps < 1 or steps > schedule.num_timesteps:
         raise ConfigError(f"steps must be between 1 and {schedule.num_timesteps}, got {steps}; change --steps")
     total = schedule.num_timesteps
@@ -188,12 +200,12 @@ def get_sigmas(
     else:
         timesteps = _spaced_timesteps(steps, total, spacing, steps_offset, float_linspace=sampler in EULER_FAMILY)
     sigmas = schedule.sigmas_linear(timesteps)
-    if karras:
+    if scheduler != "normal":
         if sampler in EULER_FAMILY:
-            lo, hi = float(sigmas[-1]), float(sigmas[0])
+            span = (float(sigmas[-1]), float(sigmas[0]))
         else:
-            lo, hi = schedule.sigma_min, schedule.sigma_max
-        return get_sigmas_karras(steps, lo, hi)
+            span = (schedule.sigma_min, schedule.sigma_max)
+        return named_sigmas(scheduler, schedule, steps, span, ays_table)
     last = schedule.sigma_min if sampler in DDIM_FAMILY and not set_alpha_to_one else 0.0
     return torch.from_numpy(np.concatenate([sigmas, [last]]).astype(np.float32))
 
@@ -329,13 +341,29 @@ class CFGDenoiser:
     def __init__(self, denoiser: Denoiser):
         self.denoiser = denoiser
 
-    def __call__(self, x, sigma, *, cond: dict, uncond: dict | None = None, cond_scale: float = 1.0):
-        if uncond is None or cond_scale == 1.0:
-            return self.denoiser(x, sigma, **cond)
+    def _both(self, x, sigma, cond: dict, uncond: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(D_u, D_c) from one network pass over the batch of 2B."""
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
         both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **_cat_conditions(uncond, cond))
         d_uncond, d_cond = both.chunk(2)
+        return d_uncond, d_cond
+
+    def __call__(self, x, sigma, *, cond: dict, uncond: dict | None = None, cond_scale: float = 1.0):
+        if uncond is None or cond_scale == 1.0:
+            return self.denoiser(x, sigma, **cond)
+        d_uncond, d_cond = self._both(x, sigma, cond, uncond)
         return d_uncond + (d_cond - d_uncond) * cond_scale
+
+    def with_uncond(self, x, sigma, *, cond: dict, uncond: dict | None = None, cond_scale: float = 1.0):
+        """(guided D, unconditional D), for the CFG++ samplers (Chung et al. 2024), which step along D_u.
+
+        Without an uncond the conditional D serves as both (CFG++ then reduces to the plain sampler).
+        """
+        if uncond is None:
+            d = self.denoiser(x, sigma, **cond)
+            return d, d
+        d_uncond, d_cond = self._both(x, sigma, cond, uncond)
+        return d_uncond + (d_cond - d_uncond) * cond_scale, d_uncond
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,30 +1,102 @@
-"""PNG text: A1111's `parameters` infotext (read by other tools) and the complete latentgen recipe."""
+"""PNG text: A1111's `parameters` infotext (read by other tools) and the complete latentgen recipe.
+
+Sampler and schedule names map both ways with A1111's display names (samplers.SAMPLER_NAMES,
+schedulers.SCHEDULER_LABELS): "DPM++ 2M Karras" (the name A1111 wrote before 1.9) or "DPM++ 2M" with
+"Schedule type: Karras" (1.9 and later) both read as dpmpp_2m on the karras schedule.
+"""
 
 from __future__ import annotations
 
 import json
 
-SAMPLER_LABELS = {
-    "ddim": "DDIM",
-    "plms": "PLMS",
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "heun": "Heun",
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_sde": "DPM++ 2M SDE",
-    "ddpm": "DDPM",
+from .errors import ConfigError
+
+# Hires-fix upscalers (hires.py) → A1111's "Hires upscaler" labels.
+HIRES_UPSCALERS = {
+    "latent": "Latent",
+    "latent-bicubic": "Latent (bicubic)",
+    "latent-antialiased": "Latent (antialiased)",
+    "lanczos": "Lanczos",
 }
+# Schedule suffixes A1111 put in sampler names before it had a "Schedule type" field.
+LEGACY_SUFFIXES = {" karras": "karras", " exponential": "exponential"}
+AUTOMATIC = ("automatic", "")  # A1111: the sampler's own default
+
+
+def a1111_sampler_label(sampler: str) -> str:
+    """A1111's display name of `sampler` (our own name where A1111 has none)."""
+    from .samplers import SAMPLER_NAMES  # the name tables live next to the code; torch loads only when needed
+
+    return (SAMPLER_NAMES.get(sampler, (None, None))[0]) or sampler
+
+
+def _lookup_sampler(label: str) -> str | None:
+    from .samplers import SAMPLER_NAMES
+
+    key = label.strip().lower()
+    for name, (a1111, comfy) in SAMPLER_NAMES.items():
+        if key in (name, (a1111 or "").lower(), (comfy or "").lower()):
+            return name
+    return None
+
+
+def _lookup_schedule(label: str) -> str | None:
+    from .schedulers import SCHEDULER_LABELS
+
+    key = label.strip().lower()
+    if key in AUTOMATIC:
+        return None
+    if key == "uniform":  # A1111's k-diffusion default spacing: the model's own timesteps
+        return "normal"
+    for name, shown in SCHEDULER_LABELS.items():
+        if key in (name, shown.lower()):
+            return name
+    raise ConfigError(f"unknown schedule type '{label}'; choose one of {', '.join(SCHEDULER_LABELS.values())}")
+
+
+def sampler_from_a1111(label: str, schedule_type: str | None = None) -> tuple[str, str | None]:
+    """(sampler, scheduler or None for the sampler's default) from an A1111 / ComfyUI / latentgen sampler name
+    and an optional A1111 "Schedule type" value."""
+    name = _lookup_sampler(label)
+    schedule = None
+    if name is None:
+        for suffix, sched in LEGACY_SUFFIXES.items():
+            if label.strip().lower().endswith(suffix):
+                name, schedule = _lookup_sampler(label.strip()[: -len(suffix)]), sched
+                break
+    if name is None:
+        from .samplers import SAMPLER_NAMES
+
+        choices = ", ".join(SAMPLER_NAMES)
+        raise ConfigError(f"unknown sampler '{label}'; choose one of {choices} (or their A1111 names, e.g. 'Euler a')")
+    if schedule_type is not None:
+        schedule = _lookup_schedule(schedule_type)
+    return name, schedule
+
+
+def _schedule_of(meta: dict) -> str | None:
+    if meta.get("scheduler"):
+        return meta["scheduler"]
+    return "karras" if meta.get("karras") else None  # recipes written before --scheduler
 
 
 def png_text(meta: dict) -> dict[str, str]:
-    """A1111's `parameters` chunk (read by other tools) and the complete latentgen recipe."""
-    sampler = SAMPLER_LABELS.get(meta["sampler"], meta["sampler"]) + (" Karras" if meta.get("karras") else "")
+    """A1111's `parameters` chunk (read by other tools) and the complete latentgen recipe.
+
+    Karras runs keep A1111's classic "<sampler> Karras" name; any other schedule is written as A1111's
+    "Schedule type" field, so the text always says which schedule was used.
+    """
+    from .schedulers import SCHEDULER_LABELS
+
+    sampler = a1111_sampler_label(meta["sampler"])
+    schedule = _schedule_of(meta)
     lines = [meta.get("prompt", "")]
     if meta.get("negative"):
         lines.append(f"Negative prompt: {meta['negative']}")
-    fields = [
-        f"Steps: {meta['steps']}",
-        f"Sampler: {sampler}",
+    fields = [f"Steps: {meta['steps']}", f"Sampler: {sampler}" + (" Karras" if schedule == "karras" else "")]
+    if schedule not in (None, "karras"):
+        fields.append(f"Schedule type: {SCHEDULER_LABELS.get(schedule, schedule)}")
+    fields += [
         f"CFG scale: {meta['cfg']}",
         f"Seed: {meta['seed']}",
         f"Size: {meta['width']}x{meta['height']}",
@@ -33,5 +105,26 @@ def png_text(meta: dict) -> dict[str, str]:
     ]
     if meta.get("strength") is not None and meta["task"] != "txt2img":
         fields.append(f"Denoising strength: {meta['strength']}")
+    if meta.get("subseed") is not None and meta.get("subseed_strength"):
+        fields += [f"Variation seed: {meta['subseed']}", f"Variation seed strength: {meta['subseed_strength']}"]
+    if meta.get("ensd"):
+        fields.append(f"ENSD: {meta['ensd']}")
+    if meta.get("rng") in ("nv", "cuda"):  # A1111 reads no RNG field as its default, the GPU
+        fields.append(f"RNG: {'NV' if meta['rng'] == 'nv' else 'GPU'}")
+    if meta.get("hires"):
+        fields += _hires_fields(meta["hires"])
     lines.append(", ".join(fields))
     return {"parameters": "\n".join(lines), "latentgen": json.dumps(meta)}
+
+
+def _hires_fields(h: dict) -> list[str]:
+    """A1111's hires-fix keys (its "Size" stays the first pass's)."""
+    fields = [f"Denoising strength: {h['strength']}", f"Hires upscale: {h['scale']:g}"]
+    if h.get("steps"):
+        fields.append(f"Hires steps: {h['steps']}")
+    fields.append(f"Hires upscaler: {HIRES_UPSCALERS.get(h['upscaler'], h['upscaler'])}")
+    if h.get("sampler"):
+        fields.append(f"Hires sampler: {a1111_sampler_label(h['sampler'])}")
+    if h.get("prompt"):
+        fields.append(f"Hires prompt: {h['prompt']}")
+    return fields

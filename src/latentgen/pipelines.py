@@ -33,28 +33,65 @@ from .denoiser import (
 from .errors import ConfigError, InputError
 from .loading.bundle import ModelBundle, make_low_scale_schedule
 from .memory import check_fits
+from .noise import RNGS, make_generator, slerp
 from .samplers import get_sampler, randn
+from .schedulers import check_scheduler, default_scheduler
 
 
 @dataclass
 class Settings:
     steps: int = 25
     sampler: str = "dpmpp_2m"
-    karras: bool = True
+    karras: bool | None = None  # alias: True = scheduler "karras", False = "normal" (when no scheduler is named)
     spacing: str = "leading"
     cfg: float = 7.5
     eta: float = 0.0
     strength: float = 0.75  # img2img / inpaint with an ordinary model
     extra: dict = field(default_factory=dict)
+    scheduler: str | None = None  # schedulers.SCHEDULERS; None: the sampler's default (default_scheduler)
+    rng: str = "cpu"  # noise.RNGS
+    subseed: int | None = None  # A1111 variation seed (image i: subseed + i), blended in at subseed_strength
+    subseed_strength: float = 0.0
+    ensd: int = 0  # A1111's eta noise seed delta: step noise from seed + ensd
+
+    @property
+    def schedule_name(self) -> str:
+        """The σ schedule this run uses: the one named, else --karras/--no-karras, else the sampler's default."""
+        if self.scheduler is not None:
+            return self.scheduler
+        if self.karras is not None:
+            return "karras" if self.karras else "normal"
+        return default_scheduler(self.sampler)
 
     def check(self, where: str = "cli") -> None:
-        """The settings through the validation layer (latentgen.validation), named as `where` spells them."""
+        """The settings through the validation layer (latentgen.validation), named as `where` spells them; then
+        the schedule, the RNG and the variation seed's strength."""
         fields = ("steps", "sampler", "karras", "spacing", "cfg", "eta", "strength")
         validation.check({k: getattr(self, k) for k in fields}, where)
+        get_sampler(self.sampler)  # latentgen's own name here: the CLI has mapped A1111's
+        check_scheduler(self.schedule_name)
+        if self.rng not in RNGS:
+            raise ConfigError(f"unknown --rng '{self.rng}'; choose one of {', '.join(RNGS)}")
+        if not 0.0 <= self.subseed_strength <= 1.0:
+            raise ConfigError(f"--subseed-strength must be in [0, 1], not {self.subseed_strength}")
 
 
-def generators(seeds: list[int]) -> list[torch.Generator]:
-    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+def generators(seeds: list[int], rng: str = "cpu") -> list:
+    """One generator per image (noise.make_generator: CPU torch, CUDA torch or A1111's NV Philox)."""
+    return [make_generator(s, rng) for s in seeds]
+
+
+def initial_noise(shape, seeds: list[int], gens: list, settings: Settings, device) -> tuple[torch.Tensor, list]:
+    """Each image's starting noise from its generator, blended with its variation seed's noise when asked
+    (A1111: variation seed subseed + i, slerp at subseed_strength), and the generators the sampler draws its
+    step noise from (re-seeded with seed + ENSD when an eta noise seed delta is set, as A1111)."""
+    noise = randn(shape, gens, device)
+    if settings.subseed is not None and settings.subseed_strength != 0:
+        sub = randn(shape, generators([settings.subseed + i for i in range(len(seeds))], settings.rng), device)
+        noise = torch.stack([slerp(settings.subseed_strength, a, b) for a, b in zip(noise, sub)])
+    if settings.ensd:
+        gens = generators([s + settings.ensd for s in seeds], settings.rng)
+    return noise, gens
 
 
 def size_multiple(bundle: ModelBundle) -> int:
@@ -133,7 +170,12 @@ def _sample(bundle, x, sigmas, settings, cond, uncond, gens, callback, wrap=None
 
 def sigmas_for(bundle: ModelBundle, settings: Settings) -> torch.Tensor:
     return get_sigmas(
-        bundle.schedule, settings.steps, sampler=settings.sampler, spacing=settings.spacing, karras=settings.karras
+        bundle.schedule,
+        settings.steps,
+        sampler=settings.sampler,
+        spacing=settings.spacing,
+        scheduler=settings.schedule_name,
+        ays_table="sdxl" if bundle.config.family == "sdxl" else "sd1",
     )
 
 
@@ -381,6 +423,20 @@ def txt2img(
     settings: Settings,
     callback=None,
 ) -> torch.Tensor:
+    return decode(bundle, txt2img_latent(bundle, prompts, negatives, seeds, width, height, settings, callback))
+
+
+def txt2img_latent(
+    bundle: ModelBundle,
+    prompts: list,
+    negatives: list,
+    seeds: list[int],
+    width: int,
+    height: int,
+    settings: Settings,
+    callback=None,
+) -> torch.Tensor:
+    """txt2img up to the scaled latent (before the decoder)."""
     settings.check()
     check_size(bundle, width, height)
     if bundle.config.concat is not None:
@@ -390,13 +446,13 @@ def txt2img(
         )
     guard_memory(bundle, len(seeds), width, height, settings)
     device, dtype = _params(bundle)
-    gens = generators(seeds)
+    gens = generators(seeds, settings.rng)
     sigmas = sigmas_for(bundle, settings)
-    noise = randn(latent_shape(bundle, len(seeds), width, height), gens, device)
+    noise, gens = initial_noise(latent_shape(bundle, len(seeds), width, height), seeds, gens, settings, device)
     x = prepare_noise(noise, sigmas, settings.sampler, settings.spacing)
     cond, uncond = encode_prompts(bundle, prompts, negatives, settings.cfg)
     x = _sample(bundle, x, sigmas, settings, cond, uncond, gens, callback)
-    return decode(bundle, to_latent(x, sigmas[-1]))
+    return to_latent(x, sigmas[-1])
 
 
 def img2img(
@@ -412,14 +468,21 @@ def img2img(
     settings.check()
     check_size(bundle, images.shape[-1], images.shape[-2])
     guard_memory(bundle, images.shape[0], images.shape[-1], images.shape[-2], settings)
-    gens = generators(seeds)
+    gens = generators(seeds, settings.rng)
     z0 = encode(bundle, images, gens)
+    return decode(bundle, img2img_latent(bundle, z0, prompts, negatives, gens, settings, callback))
+
+
+def img2img_latent(
+    bundle: ModelBundle, z0: torch.Tensor, prompts: list, negatives: list, gens: list, settings: Settings, callback=None
+) -> torch.Tensor:
+    """SDEdit from a scaled latent: noise it to the strength's σ with the next draws of `gens`, run the tail."""
     sigmas = tail(sigmas_for(bundle, settings), settings.strength)
     noise = randn(tuple(z0.shape), gens, z0.device)
     x = noise_for_img2img(z0.float(), noise, sigmas[0])
     cond, uncond = encode_prompts(bundle, prompts, negatives, settings.cfg)
     x = _sample(bundle, x, sigmas, settings, cond, uncond, gens, callback)
-    return decode(bundle, to_latent(x, sigmas[-1]))
+    return to_latent(x, sigmas[-1])
 
 
 def inpaint(
@@ -445,7 +508,7 @@ def inpaint(
     guard_memory(bundle, images.shape[0], images.shape[-1], images.shape[-2], settings)
     masks = (masks >= 0.5).to(images.dtype)
     device, dtype = _params(bundle)
-    gens = generators(seeds)
+    gens = generators(seeds, settings.rng)
     cond, uncond = encode_prompts(bundle, prompts, negatives, settings.cfg)
     sigmas = sigmas_for(bundle, settings)
     n = images.shape[0]
@@ -544,7 +607,7 @@ def superres(
     f = bundle.config.factor
     guard_memory(bundle, images.shape[0], images.shape[-1] * f, images.shape[-2] * f, settings)
     device, dtype = _params(bundle)
-    gens = generators(seeds)
+    gens = generators(seeds, settings.rng)
     n, _, h, w = images.shape
     lowres = (images * 2 - 1).to(device)
     extra = {}

@@ -6,7 +6,8 @@ as its source spells it: `--steps` on the command line, `stdin line 3: "steps"` 
 "steps"` for a recipe. Fields it does not know pass through unchanged (a recipe carries model paths, hashes
 and the like). The limits are documented in README.md ("Errors and exit codes").
 
-Leaf module: it imports nothing of latentgen but the errors, so every layer may use it.
+Leaf module: it imports nothing of latentgen at import time but the errors (the names of samplers, schedulers
+and RNGs are looked up when first checked), so every layer may use it.
 """
 
 from __future__ import annotations
@@ -100,10 +101,28 @@ def flag(v, name: str) -> bool:
     return v
 
 
-def sampler_names() -> tuple[str, ...]:
-    from .samplers import SAMPLERS
+def sampler(v, name: str) -> str:
+    """A sampler by latentgen's, A1111's or ComfyUI's name ("dpmpp_2m", "DPM++ 2M Karras"), kept as given."""
+    from .infotext import sampler_from_a1111
 
-    return tuple(SAMPLERS)
+    v = text(v, name)
+    try:
+        sampler_from_a1111(v)
+    except ConfigError as e:
+        raise ConfigError(f"{name} must name a sampler: {e}") from None
+    return v
+
+
+def scheduler_names() -> tuple[str, ...]:
+    from .schedulers import SCHEDULERS
+
+    return tuple(SCHEDULERS)
+
+
+def rng_names() -> tuple[str, ...]:
+    from .noise import RNGS
+
+    return tuple(RNGS)
 
 
 def seed(v, name: str) -> int:
@@ -127,7 +146,11 @@ FIELDS = {
     "strength": float_in(0.0, 1.0, open_low=True),
     "noise_level": int_in(0, 1000),
     "mask_blur": int_in(0, 256, " pixels"),
-    "sampler": one_of(sampler_names),
+    "sampler": sampler,
+    "scheduler": one_of(scheduler_names),
+    "rng": one_of(rng_names),
+    "subseed": seed,
+    "subseed_strength": float_in(0.0, 1.0),
     "spacing": one_of(SPACINGS),
     "karras": flag,
     "ema": flag,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import typer
@@ -29,6 +30,7 @@ from .options import (
     PredictionOpt,
     QuietOpt,
     SamplerOpt,
+    SchedulerOpt,
     SeedOpt,
     SpacingOpt,
     StepsOpt,
@@ -46,6 +48,7 @@ def txt2img(
     steps: Optional[int] = StepsOpt,
     sampler: Optional[str] = SamplerOpt,
     karras: Optional[bool] = KarrasOpt,
+    scheduler: Optional[str] = SchedulerOpt,
     spacing: Optional[str] = SpacingOpt,
     cfg: Optional[float] = CfgOpt,
     eta: Optional[float] = EtaOpt,
@@ -65,9 +68,31 @@ def txt2img(
     ema: bool = EmaOpt,
     low_memory: Optional[bool] = LowMemOpt,
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Regenerate the image whose PNG recipe this is."),
+    hires: Optional[float] = typer.Option(
+        None, "--hires", help="Hires fix: upscale the first pass by SCALE, then refine it with img2img."
+    ),
+    hires_steps: Optional[int] = typer.Option(None, "--hires-steps", help="Second-pass steps (default: --steps)."),
+    hires_strength: float = typer.Option(0.7, "--hires-strength", help="Second-pass denoising strength, (0, 1]."),
+    hires_upscaler: str = typer.Option(
+        "latent", "--hires-upscaler", help="latent, latent-bicubic, latent-antialiased or lanczos (decode, resize)."
+    ),
+    hires_sampler: Optional[str] = typer.Option(None, "--hires-sampler", help="Second-pass sampler (default: same)."),
+    hires_prompt: Optional[str] = typer.Option(None, "--hires-prompt", help="Second-pass prompt (default: same)."),
+    rng: Optional[str] = typer.Option(
+        None, "--rng", help="Noise source: cpu (default; diffusers, ComfyUI), cuda (A1111 'GPU'), nv (A1111 'NV')."
+    ),
+    subseed: Optional[int] = typer.Option(None, "--subseed", help="A1111 variation seed V (image i: V+i)."),
+    subseed_strength: Optional[float] = typer.Option(
+        None, "--subseed-strength", help="How far towards the variation seed's noise, 0..1 (A1111's slerp)."
+    ),
+    ensd: Optional[int] = typer.Option(
+        None, "--eta-noise-seed-delta", help="A1111's ENSD: step noise of ancestral/SDE samplers from seed + N."
+    ),
 ) -> None:
     """Generate images from text (or class labels, or nothing for unconditional models)."""
     rec = _recipe(recipe)
+    seeding = _seed_options(rec, rng, subseed, subseed_strength, ensd)
+    hires_fix = _hires_options(rec, hires, hires_steps, hires_strength, hires_upscaler, hires_sampler, hires_prompt)
     if rec:
         prompt = rec.get("prompt", "") if prompt is None else prompt
         negative = rec.get("negative", "") if negative is None else negative
@@ -104,7 +129,9 @@ def txt2img(
         note(f"model {sess.bundle.config.name} takes no text ({kind} conditioning): the prompt is only recorded", quiet)
     items = sess.read_items(prompt)
     sess.check_outputs(items, num)
-    defaults = sess.settings(steps, sampler, karras, spacing, cfg, eta, recipe=rec)
+    defaults = sess.settings(steps, sampler, karras, spacing, cfg, eta, recipe=rec, scheduler=scheduler)
+    defaults = replace(defaults, **seeding)
+    defaults.check()
     w0, h0 = sess.size(width, height, rec)
     pipelines.check_size(sess.bundle, w0, h0)
     pipelines.guard_memory(sess.bundle, num, w0, h0, defaults)
@@ -118,16 +145,25 @@ def txt2img(
             defaults.spacing,
             item.get("cfg", defaults.cfg),
             defaults.eta,
+            scheduler=item.get("scheduler", defaults.scheduler),
         )
+        sub = None if defaults.subseed is None else defaults.subseed + (seeds[0] - base)  # advances with the seed
+        st = replace(st, **{**seeding, "subseed": sub})
         w, h = int(item.get("width", w0)), int(item.get("height", h0))
         text = item.get("prompt", "")
         neg = item.get("negative", negative or "")
         conds = [item.get("class", class_label)] * len(seeds) if kind == "class" else [text] * len(seeds)
         if kind == "class" and conds[0] is None:
             raise ConfigError('this model is class-conditional: give the item a "class" or pass --class N')
-        bar = sess.progress(st.steps, text[:40] or "txt2img")
+        total = st.steps + (int(hires_fix.second_pass(st).steps * hires_fix.strength) if hires_fix else 0)
+        bar = sess.progress(total, text[:40] or "txt2img")
         try:
-            imgs = pipelines.txt2img(sess.bundle, conds, [neg] * len(seeds), seeds, w, h, st, callback=bar)
+            if hires_fix is None:
+                imgs = pipelines.txt2img(sess.bundle, conds, [neg] * len(seeds), seeds, w, h, st, callback=bar)
+            else:
+                from ..hires import txt2img_hires
+
+                imgs = txt2img_hires(sess.bundle, conds, [neg] * len(seeds), seeds, w, h, st, hires_fix, callback=bar)
         finally:
             bar.close()
         meta = {
@@ -136,7 +172,8 @@ def txt2img(
             "negative": neg,
             "steps": st.steps,
             "sampler": st.sampler,
-            "karras": st.karras,
+            "scheduler": st.schedule_name,
+            "karras": st.schedule_name == "karras",
             "spacing": st.spacing,
             "cfg": st.cfg,
             "eta": st.eta,
@@ -148,6 +185,9 @@ def txt2img(
         }
         if kind == "class":
             meta["class"] = conds[0]
+        if hires_fix is not None:
+            meta["hires"] = _hires_record(sess, hires_fix, st, w, h)
+        meta.update(rng=st.rng, subseed=st.subseed, subseed_strength=st.subseed_strength, ensd=st.ensd)
         return imgs, meta
 
     run_generation(sess, items, base, num, make, {})
@@ -212,6 +252,7 @@ def img2img(
     steps: Optional[int] = StepsOpt,
     sampler: Optional[str] = SamplerOpt,
     karras: Optional[bool] = KarrasOpt,
+    scheduler: Optional[str] = SchedulerOpt,
     spacing: Optional[str] = SpacingOpt,
     cfg: Optional[float] = CfgOpt,
     eta: Optional[float] = EtaOpt,
@@ -252,7 +293,7 @@ def img2img(
     _check_image_size(sess, init, image)
     items = sess.read_items(prompt)
     sess.check_outputs(items, num)
-    defaults = sess.settings(steps, sampler, karras, spacing, cfg, eta, strength)
+    defaults = sess.settings(steps, sampler, karras, spacing, cfg, eta, strength, scheduler=scheduler)
     pipelines.guard_memory(sess.bundle, num, init.shape[-1], init.shape[-2], defaults)
     base = base_seed(seed, quiet)
 
@@ -265,6 +306,7 @@ def img2img(
             item.get("cfg", defaults.cfg),
             defaults.eta,
             item.get("strength", strength),
+            scheduler=item.get("scheduler", defaults.scheduler),
         )
         text, neg = item.get("prompt", ""), item.get("negative", negative or "")
         bar = sess.progress(st.steps, text[:40] or "img2img")
@@ -286,7 +328,8 @@ def img2img(
             "negative": neg,
             "steps": st.steps,
             "sampler": st.sampler,
-            "karras": st.karras,
+            "scheduler": st.schedule_name,
+            "karras": st.schedule_name == "karras",
             "spacing": st.spacing,
             "cfg": st.cfg,
             "eta": st.eta,
@@ -316,6 +359,7 @@ def inpaint(
     steps: Optional[int] = StepsOpt,
     sampler: Optional[str] = SamplerOpt,
     karras: Optional[bool] = KarrasOpt,
+    scheduler: Optional[str] = SchedulerOpt,
     spacing: Optional[str] = SpacingOpt,
     cfg: Optional[float] = CfgOpt,
     eta: Optional[float] = EtaOpt,
@@ -380,7 +424,7 @@ def inpaint(
     _check_image_size(sess, init, image + (f" extended by {extend}" if extend else ""))
     items = sess.read_items(prompt)
     sess.check_outputs(items, num)
-    defaults = sess.settings(steps, sampler, karras, spacing, cfg, eta, strength)
+    defaults = sess.settings(steps, sampler, karras, spacing, cfg, eta, strength, scheduler=scheduler)
     pipelines.guard_memory(sess.bundle, num, init.shape[-1], init.shape[-2], defaults)
     base = base_seed(seed, quiet)
 
@@ -393,6 +437,7 @@ def inpaint(
             item.get("cfg", defaults.cfg),
             defaults.eta,
             item.get("strength", strength),
+            scheduler=item.get("scheduler", defaults.scheduler),
         )
         text, neg = item.get("prompt", ""), item.get("negative", negative or "")
         n = len(seeds)
@@ -416,7 +461,8 @@ def inpaint(
             "negative": neg,
             "steps": st.steps,
             "sampler": st.sampler,
-            "karras": st.karras,
+            "scheduler": st.schedule_name,
+            "karras": st.schedule_name == "karras",
             "spacing": st.spacing,
             "cfg": st.cfg,
             "eta": st.eta,
@@ -455,6 +501,7 @@ def superres(
     steps: Optional[int] = StepsOpt,
     sampler: Optional[str] = SamplerOpt,
     karras: Optional[bool] = KarrasOpt,
+    scheduler: Optional[str] = SchedulerOpt,
     spacing: Optional[str] = SpacingOpt,
     eta: Optional[float] = EtaOpt,
     seed: Optional[int] = SeedOpt,
@@ -523,7 +570,9 @@ def superres(
         raise ConfigError(f"--scale {scale}: model {name} upscales by {f}")
     _check_image_size(sess, low, image, scale=f)
     sess.check_outputs([{}], num)
-    defaults = sess.settings(steps, sampler, karras, spacing, cfg if text_guided else 1.0, eta, recipe=rec)
+    defaults = sess.settings(
+        steps, sampler, karras, spacing, cfg if text_guided else 1.0, eta, recipe=rec, scheduler=scheduler
+    )
     pipelines.guard_memory(sess.bundle, num, low.shape[-1] * f, low.shape[-2] * f, defaults)
     base = base_seed(seed, quiet)
     text, neg = prompt or "", negative or ""
@@ -550,7 +599,8 @@ def superres(
             "negative": neg,
             "steps": defaults.steps,
             "sampler": defaults.sampler,
-            "karras": defaults.karras,
+            "scheduler": defaults.schedule_name,
+            "karras": defaults.schedule_name == "karras",
             "spacing": defaults.spacing,
             "cfg": defaults.cfg,
             "eta": defaults.eta,
@@ -565,3 +615,56 @@ def superres(
 
     run_generation(sess, [{"prompt": text}], base, num, make, {})
     sess.finish()
+
+
+def _hires_options(rec: dict, scale, steps, strength, upscaler, sampler, prompt):
+    """The hires fix asked for (--hires), or the one in the recipe, or None."""
+    from ..hires import Hires
+
+    if scale is None and rec.get("hires"):
+        r = rec["hires"]
+        return Hires(r["scale"], r.get("steps"), r["strength"], r["upscaler"], r.get("sampler"), r.get("prompt"))
+    if scale is None:
+        extra = (("--hires-steps", steps), ("--hires-sampler", sampler), ("--hires-prompt", prompt))
+        given = [n for n, v in extra if v is not None]
+        if given:
+            raise ConfigError(f"{given[0]} needs --hires SCALE (the hires fix is off without it)")
+        return None
+    if sampler is not None:
+        from ..infotext import sampler_from_a1111
+
+        sampler = sampler_from_a1111(sampler)[0]
+    h = Hires(float(scale), steps, float(strength), upscaler, sampler, prompt)
+    h.check()
+    return h
+
+
+def _hires_record(sess, h, st, w: int, h0: int) -> dict:
+    from ..hires import target_size
+
+    tw, th = target_size(sess.bundle, w, h0, h.scale)
+    second = h.second_pass(st)
+    return {
+        "scale": h.scale,
+        "steps": h.steps,
+        "strength": h.strength,
+        "upscaler": h.upscaler,
+        "sampler": h.sampler,
+        "scheduler": second.schedule_name,
+        "prompt": h.prompt,
+        "width": tw,
+        "height": th,
+    }
+
+
+def _seed_options(rec: dict, rng, subseed, strength, ensd) -> dict:
+    """--rng, --subseed, --subseed-strength and --eta-noise-seed-delta, else the recipe's, else the defaults."""
+    out = {
+        "rng": rng or rec.get("rng") or "cpu",
+        "subseed": subseed if subseed is not None else rec.get("subseed"),
+        "subseed_strength": float(strength if strength is not None else rec.get("subseed_strength") or 0.0),
+        "ensd": int(ensd if ensd is not None else rec.get("ensd") or 0),
+    }
+    if out["subseed_strength"] and out["subseed"] is None:
+        raise ConfigError("--subseed-strength needs --subseed V (the variation seed to blend towards)")
+    return out

@@ -21,10 +21,24 @@ NegativeOpt = typer.Option(None, "--negative", "-n", help="Negative prompt (clas
 StepsOpt = typer.Option(None, "--steps", help="Sampling steps (default: the model's recommendation, else 25).")
 
 
-SamplerOpt = typer.Option(None, "--sampler", help="ddim, plms, euler, euler_a, heun, dpmpp_2m, dpmpp_2m_sde, ddpm.")
+SamplerOpt = typer.Option(
+    None,
+    "--sampler",
+    help="ddim, plms, ddpm, euler, euler_a, heun, lms, dpm2, dpm2_a, dpmpp_2s_a, dpmpp_2m, dpmpp_sde, dpmpp_2m_sde, "
+    "dpmpp_2m_sde_heun, dpmpp_3m_sde, uni_pc, lcm, euler_cfg_pp, dpmpp_2m_cfg_pp, res_multistep; "
+    "A1111 names too ('DPM++ 2M Karras', 'Euler a').",
+)
 
 
-KarrasOpt = typer.Option(None, "--karras/--no-karras", help="Karras et al. (2022) σ schedule (default: on).")
+SchedulerOpt = typer.Option(
+    None,
+    "--scheduler",
+    help="σ schedule (ComfyUI names): normal, karras, exponential, sgm_uniform, simple, ddim_uniform, beta, "
+    "linear_quadratic, kl_optimal, ays. Default: the sampler's (karras for DPM++/DPM2, normal otherwise).",
+)
+
+
+KarrasOpt = typer.Option(None, "--karras/--no-karras", help="Alias of --scheduler karras / --scheduler normal.")
 
 
 SpacingOpt = typer.Option(None, "--spacing", help="Timestep spacing: leading (SD), trailing or linspace.")

@@ -15,7 +15,8 @@ from .batch import read_items
 from .device import pick_device, pick_dtype
 from .progress import Progress
 
-DEFAULTS = {"steps": 25, "sampler": "dpmpp_2m", "karras": True, "spacing": "leading", "cfg": 7.5, "eta": 0.0}
+# karras / scheduler None: the sampler's own default schedule (schedulers.default_scheduler; karras for dpmpp_2m)
+DEFAULTS = {"steps": 25, "sampler": "dpmpp_2m", "karras": None, "spacing": "leading", "cfg": 7.5, "eta": 0.0}
 
 
 class Session:
@@ -98,20 +99,24 @@ class Session:
             self._hash = file_hash(self.bundle.path)
         return self._hash
 
-    def settings(self, steps, sampler, karras, spacing, cfg, eta, strength=0.75, recipe=None):
+    def settings(self, steps, sampler, karras, spacing, cfg, eta, strength=0.75, recipe=None, scheduler=None):
+        from ..infotext import sampler_from_a1111
         from ..pipelines import Settings
 
         rec = {**DEFAULTS, **self.bundle.config.recommended, **(recipe or {})}
         given = {"steps": steps, "sampler": sampler, "karras": karras, "spacing": spacing, "cfg": cfg, "eta": eta}
+        given["scheduler"] = scheduler
         vals = {k: (v if v is not None else rec.get(k, DEFAULTS.get(k))) for k, v in given.items()}
+        name, named_schedule = sampler_from_a1111(str(vals["sampler"]))  # "DPM++ 2M Karras" → dpmpp_2m, karras
         st = Settings(
             steps=int(vals["steps"]),
-            sampler=str(vals["sampler"]),
-            karras=bool(vals["karras"]),
+            sampler=name,
+            karras=None if vals["karras"] is None else bool(vals["karras"]),
             spacing=str(vals["spacing"]),
             cfg=float(vals["cfg"]),
             eta=float(vals["eta"] or 0.0),
             strength=float(strength),
+            scheduler=vals["scheduler"] if vals["scheduler"] is not None else named_schedule,
         )
         st.check()
         return st
