@@ -20,7 +20,7 @@ from latentgen.pipelines import Settings
 ROOT = Path(__file__).resolve().parents[1]
 
 MEASURE = """
-import gc, json, resource, sys, torch
+import gc, json, sys, torch
 torch.set_num_threads(1)
 from latentgen import memory, pipelines
 from latentgen.loading.bundle import load_model
@@ -28,10 +28,13 @@ from latentgen.pipelines import Settings
 b = load_model(sys.argv[1]); st = Settings(steps=1, sampler="euler")
 pipelines.txt2img(b, ["a"], [""], [0], 16, 16, st)  # warm: kernels, allocator, oneDNN
 gc.collect(); pipelines.release_free_memory()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def status(field):
+    return next(int(x.split()[1]) * 1024 for x in open("/proc/self/status") if x.startswith(field + ":"))
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current resident set
+before = status("VmRSS")
 n, side = int(sys.argv[2]), int(sys.argv[3])
 pipelines.txt2img(b, ["a"] * n, [""] * n, list(range(n)), side, side, st)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+peak = status("VmHWM") - before
 est = memory.estimate(b.config, n, side, side, 4, tile=pipelines.AUTO_TILE)
 print(json.dumps({"peak": peak, "estimate": est.total}))
 """
@@ -42,6 +45,7 @@ def sd1(tmp_path_factory):
     return random_model("sd1", tmp_path_factory.mktemp("mem") / "sd1.safetensors")
 
 
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc peak-RSS reset")
 def test_estimate_is_above_the_measured_peak_and_not_far(sd1):
     env = {
         **os.environ,
@@ -53,7 +57,7 @@ def test_estimate_is_above_the_measured_peak_and_not_far(sd1):
     )
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout)
-    assert r["peak"] <= r["estimate"] <= 2.5 * r["peak"], r  # measured 214 MiB, estimated 409 MiB
+    assert r["peak"] <= r["estimate"] <= 2.5 * r["peak"], r  # measured 214-253 MiB, estimated 409 MiB
 
 
 def test_estimate_grows_with_every_dimension(sd1):

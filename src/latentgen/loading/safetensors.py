@@ -140,6 +140,7 @@ def read_converted(path: str | Path, keys, dtype: torch.dtype) -> dict[str, torc
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, overwrite=True):
     """Write atomically: a kill during the write leaves the previous file intact."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from ..images import atomic_path
@@ -147,9 +148,7 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
     with atomic_path(path, overwrite=overwrite) as tmp:  # an OSError inside becomes an OutputError
         try:
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        except OSError:
-            raise
-        except Exception as e:  # safetensors' SafetensorError wraps the OS error (a full disk) in its message
+        except SafetensorError as e:  # it wraps the OS error (a full disk) in its message
             import errno
             import re
 
