@@ -395,13 +395,14 @@ def test_checkpoint_write_is_atomic_under_crash(tmp_path, tiny_ae, monkeypatch):
     load_model(str(run / "model.safetensors"))
 
 
-def test_sigint_writes_checkpoint(tmp_path, tiny_ae):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
+def test_sigint_writes_checkpoint(tmp_path, tiny_ae, sig):
     def ctrl_c(step, terms):
         if step == 2:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
 
     res = train_ldm(ldm_opts(tmp_path, tiny_ae, cond="none", steps=50), callback=ctrl_c, **QUIET)
-    assert res.interrupted and res.step == 2
+    assert res.interrupted and res.step == 2 and res.signal == sig  # the CLI exits 128 + signal: 130, 143
     assert read_state(tmp_path / "run").step == 2
     load_model(str(tmp_path / "run" / "model.safetensors"))
 
