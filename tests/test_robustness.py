@@ -158,12 +158,29 @@ def test_bad_model_file(case, bad_models, workdir):
     assert files(workdir) == set()
 
 
-@pytest.mark.skipif(IS_ROOT, reason="root reads files without read permission")
-def test_model_without_read_permission(models, workdir):
-    p = workdir / "locked.safetensors"
-    shutil.copy(models["sd1"], p)
-    p.chmod(0)
-    one_line(cli("txt2img", "x", "--model", p, "--seed", 1, "--out", "o.png"), 2, "permission denied")
+def test_model_and_image_without_read_permission(models, workdir):
+    """chmod 000: one line, exit 2. Root reads such files anyway, so as root the CLI runs in a user namespace
+    (`unshare --user`: the same user without its capabilities), skipped where that is not allowed."""
+    locked = workdir / "locked.safetensors"
+    shutil.copy(models["sd1"], locked)
+    img = Path(image(workdir / "locked.png"))
+    for p in (locked, img):
+        p.chmod(0)
+    prefix = []
+    if IS_ROOT:
+        if shutil.which("unshare") is None or subprocess.run(["unshare", "--user", "true"]).returncode:
+            pytest.skip("root reads unreadable files, and no user namespace is available to drop that")
+        prefix = ["unshare", "--user"]
+    base = [sys.executable, "-m", "latentgen.cli"]
+    for args, say in (
+        (["txt2img", "x", "--model", locked], "locked.safetensors: permission denied: make it readable"),
+        (["img2img", img, "x", "--model", models["sd1"]], "locked.png: cannot read the image (permission denied)"),
+    ):
+        cmd = [*prefix, *base, *map(str, args), "--seed", "1", "--out", str(workdir / "o.png")]
+        p = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=120)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and say in lines[0], p.stderr
+    assert files(workdir) == {"locked.safetensors", "locked.png"}
 
 
 def test_config_file_missing(models, workdir):
