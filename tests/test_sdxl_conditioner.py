@@ -14,7 +14,7 @@ from latentgen.text.sdxl import SDXLCondConfig, SDXLConditioner
 
 pytestmark = [
     pytest.mark.skipif(not BASE.exists(), reason=f"SDXL fixtures not found at {SDXL_DIR}"),
-    pytest.mark.filterwarnings("ignore::latentgen.conditioning.TruncationWarning"),
+    pytest.mark.filterwarnings("ignore::latentgen.text.tokenizers.TruncationWarning"),
 ]
 
 

@@ -27,8 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from latentgen.conditioning import CLIP_EOS, CLIPEmbedder, CondConfig, clip_to_openclip, tokenize_clip
 from latentgen.errors import CheckpointError, ConfigError, InputError
+from latentgen.text.clip import CLIPEmbedder, clip_to_openclip
+from latentgen.text.config import CondConfig
+from latentgen.text.tokenizers import CLIP_EOS, tokenize_clip
 from latentgen.unet import timestep_embedding
 
 SIZE_EMBED_DIM = 256  # ConcatTimestepEmbedderND(outdim=256)
@@ -43,6 +45,10 @@ class SDXLCondConfig:
     bigg: CondConfig
     projection_dim: int  # text_projection [W, E]: E
     refiner: bool = False  # time ids (orig h, orig w, crop top, crop left, aesthetic) instead of target h, w
+
+    @property
+    def kind(self) -> str:
+        return "sdxl"
 
     @property
     def context_dim(self) -> int:
@@ -235,6 +241,40 @@ class SDXLConditioner(nn.Module):
         y = cond["y"].clone()
         y[:, :projection_dim] = 0
         return {"context": torch.zeros_like(cond["context"]), "y": y}
+
+    @torch.no_grad()
+    def guidance_pair(
+        self,
+        prompts: Sequence[str],
+        negatives: Sequence[str | None],
+        guided: bool,
+        *,
+        original_size: tuple[int, int],
+        crop: tuple[int, int],
+        target_size: tuple[int, int],
+        aesthetic_score: float = DEFAULT_AESTHETIC,
+        negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC,
+    ) -> tuple[dict, dict | None]:
+        """(cond, uncond) kwargs for guidance; sizes are (h, w), the crop (top, left).
+
+        Base: an empty (or absent) negative gives zeroed text parts (sgm's `force_uc_zero_embeddings=['txt']`;
+        diffusers' `negative_prompt=None` with `force_zeros_for_empty_prompt`); a given negative is encoded
+        (diffusers). Refiner: the negative is always encoded (`""` by default), with the negative aesthetic score.
+        """
+        ids = self.time_ids(original_size, crop, target_size, aesthetic_score)
+        cond = self.condition(prompts, ids)
+        if not guided:
+            return cond, None
+        texts = [n or "" for n in negatives]
+        if self.cfg.refiner:
+            return cond, self.condition(texts, self.time_ids(original_size, crop, None, negative_aesthetic_score))
+        zeros = self.zeros_like_text(cond, self.cfg.projection_dim)
+        given = torch.tensor([bool(n) for n in negatives])
+        if not given.any():
+            return cond, zeros
+        uncond = self.condition(texts, ids)
+        pick = lambda k: torch.where(given.view(-1, *[1] * (uncond[k].ndim - 1)), uncond[k], zeros[k])  # noqa: E731
+        return cond, {k: pick(k) for k in uncond}
 
     # weights -----------------------------------------------------------------------------------------------
 
