@@ -141,6 +141,7 @@ BAD = {
     "refiner start alone": (["--refiner-start", 0.5], "--refiner-start needs --refiner"),
     "refiner start range": (["--refiner", str(BASE), "--refiner-start", 1.5], "--refiner-start must be in (0, 1)"),
     "refiner is a base": (["--refiner", str(BASE)], "not an SDXL refiner"),
+    "refiner with hires": (["--refiner", str(BASE), "--hires", 2], "--refiner and --hires"),
 }
 
 

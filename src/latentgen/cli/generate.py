@@ -165,9 +165,9 @@ def txt2img(
         recipe=rec,
     )
     defaults = sdxl_settings(defaults, sess.bundle.config, **sdxl_opts)
-    ref_bundle, ref_start = load_refiner(sess, refiner, refiner_start, low_memory, rec)
-    if ref_bundle is not None and hires_fix is not None:
+    if (refiner or rec.get("refiner")) and hires_fix is not None:
         raise ConfigError("--refiner and --hires together are not supported: use one of them")
+    ref_bundle, ref_start = load_refiner(sess, refiner, refiner_start, low_memory, rec)
     w0, h0 = sess.size(width, height, rec)
     pipelines.check_size(sess.bundle, w0, h0)
     pipelines.guard_memory(sess.bundle, num, w0, h0, defaults)
