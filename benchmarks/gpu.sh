@@ -95,3 +95,9 @@ summary["torch"] = torch.__version__
 print(json.dumps(summary, indent=1))
 (out / "gpu-results.json").write_text(json.dumps(summary, indent=1))
 EOF
+# SDXL base size (issue 13): GPU_BENCH_SDXL=1 bash benchmarks/gpu.sh -> OUTDIR/sdxl-results.md (random full-size
+# SDXL weights, about 7 GB of fp16 in the cache, built on first use; fp16 and bf16; 20 steps at 1024x1024)
+if [ "${GPU_BENCH_SDXL:-0}" = 1 ]; then
+  "$PY" benchmarks/bench_sdxl.py --device "${GPU_BENCH_DEVICE:-cuda}" --dtypes float16,bfloat16 --steps 20 --reps 3 \
+    --cache "$CACHE" --out "$OUT/sdxl-results.md"
+fi

@@ -223,7 +223,7 @@ def test_seed_gives_same_image_at_any_batch_size(sd1):
 def test_bad_settings(sd1):
     from latentgen.errors import ConfigError, InputError
 
-    with pytest.raises(InputError, match=r"--width 15 is not a positive multiple of 4 \(the model's factor 2"):
+    with pytest.raises(InputError, match=r"--width 15 is not a positive multiple of 2 \(the first stage.s factor"):
         pipelines.txt2img(sd1[0], ["x"], [""], [0], 15, 16, Settings(steps=2))
     with pytest.raises(ConfigError, match="--steps"):
         pipelines.txt2img(sd1[0], ["x"], [""], [0], 16, 16, Settings(steps=0))

@@ -25,7 +25,7 @@ class ModelConfig:
     unet: Any  # unet.UNetConfig
     first_stage: Any  # autoencoder.AutoencoderConfig
     cond: Any  # text.config.CondConfig
-    family: str = "ldm"  # sd1 | sd2 | ldm | latentgen
+    family: str = "ldm"  # sd1 | sd2 | sdxl | ldm | latentgen
     prediction: str = "eps"
     prediction_source: str = "default"  # metadata | config | option | registry | guess | default
     conditioning_key: str = "crossattn"  # crossattn | concat | hybrid | none
@@ -43,6 +43,7 @@ class ModelConfig:
     low_scale_timesteps: int = 1000
     low_scale_linear_start: float = 0.0001
     low_scale_linear_end: float = 0.02
+    vae_force_upcast: bool = False  # decode in fp32 when the model runs in fp16 (the SDXL VAE overflows)
     name: str | None = None
     recommended: dict = field(default_factory=dict)  # steps, cfg, sampler, width, height, noise_level
 
@@ -62,7 +63,12 @@ class ModelConfig:
         kw = {k: v for k, v in d.items() if k in known}
         kw["unet"] = UNetConfig.from_dict(d["unet"])
         kw["first_stage"] = AutoencoderConfig.from_dict(d["first_stage"])
-        kw["cond"] = CondConfig.from_dict(d["cond"])
+        if d["cond"].get("kind") == "sdxl":
+            from .text.sdxl import SDXLCondConfig
+
+            kw["cond"] = SDXLCondConfig.from_dict(d["cond"])
+        else:
+            kw["cond"] = CondConfig.from_dict(d["cond"])
         return cls(**kw)
 
     @property

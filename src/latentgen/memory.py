@@ -57,7 +57,7 @@ def unet_activations(unet, batch: int, h: int, w: int, elem: int) -> int:
         px = _ceil_div(h, 2**level) * _ceil_div(w, 2**level)
         skips += (unet.num_res_blocks + 1) * c * px
         attn = 2**level in unet.attention_resolutions
-        work = max(work, (ATTN_WORK * unet.transformer_depth if attn else RES_WORK) * c * px)
+        work = max(work, (ATTN_WORK * unet.depth(level) if attn else RES_WORK) * c * px)
     return batch * elem * (skips + work)
 
 

@@ -53,6 +53,12 @@ class Settings:
     subseed: int | None = None  # A1111 variation seed (image i: subseed + i), blended in at subseed_strength
     subseed_strength: float = 0.0
     ensd: int = 0  # A1111's eta noise seed delta: step noise from seed + ensd
+    # SDXL size and aesthetic conditioning (CLI order: W,H and X,Y); None: the output size and 0,0
+    original_size: tuple[int, int] | None = None
+    crop: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
 
     @property
     def schedule_name(self) -> str:
@@ -95,8 +101,9 @@ def initial_noise(shape, seeds: list[int], gens: list, settings: Settings, devic
 
 
 def size_multiple(bundle: ModelBundle) -> int:
-    """Image sides must be multiples of f (first stage) × 2^(levels-1) (the UNet halves the latent per level)."""
-    return bundle.config.factor * 2 ** (len(bundle.config.unet.channel_mult) - 1)
+    """Image sides must be multiples of the first stage's factor f; the UNet takes latents of any size (where a
+    level halves an odd side it upsamples to the skip's size, as diffusers)."""
+    return bundle.config.factor
 
 
 def check_size(bundle: ModelBundle, width: int, height: int) -> None:
@@ -104,8 +111,7 @@ def check_size(bundle: ModelBundle, width: int, height: int) -> None:
     for name, v in (("width", width), ("height", height)):
         if v < m or v % m:
             raise InputError(
-                f"--{name} {v} is not a positive multiple of {m} (the model's factor "
-                f"{bundle.config.factor} × the UNet's downsampling): use {max(m, v // m * m)}"
+                f"--{name} {v} is not a positive multiple of {m} (the first stage's factor): use {max(m, v // m * m)}"
             )
 
 
@@ -129,11 +135,18 @@ def _params(bundle: ModelBundle):
 # ------------------------------------------------------------------------------------------ conditioning
 
 
-def encode_prompts(bundle: ModelBundle, prompts: list, negatives: list, cfg: float) -> tuple[dict, dict | None]:
-    """Conditioning kwargs for the denoiser: cross-attention context (text) or class labels."""
+def encode_prompts(
+    bundle: ModelBundle, prompts: list, negatives: list, cfg: float, sdxl: dict | None = None
+) -> tuple[dict, dict | None]:
+    """Conditioning kwargs for the denoiser: cross-attention context (text) or class labels; SDXL also the
+    vector y, from the size / aesthetic conditioning `sdxl` (see `sdxl_conditioning`)."""
     cond_mod = bundle.cond
     device, dtype = _params(bundle)
     kind = bundle.config.cond.kind
+    if kind == "sdxl":
+        cond, uncond = cond_mod.guidance_pair(list(prompts), list(negatives), cfg != 1.0, **(sdxl or {}))
+        move = lambda d: {k: v.to(device, dtype) for k, v in d.items()}  # noqa: E731
+        return move(cond), None if uncond is None else move(uncond)
     if kind == "none":
         return {}, None
     if kind == "class":
@@ -149,6 +162,21 @@ def encode_prompts(bundle: ModelBundle, prompts: list, negatives: list, cfg: flo
         ctx = cond_mod.encode(list(prompts)).to(device, dtype)
         unc = None if cfg == 1.0 else {"context": cond_mod.encode(list(negatives)).to(device, dtype)}
     return {"context": ctx}, unc
+
+
+def sdxl_conditioning(bundle: ModelBundle, settings: Settings, width: int, height: int) -> dict | None:
+    """SDXL's size (and, for the refiner, aesthetic) conditioning in (h, w) / (top, left) order, with diffusers'
+    defaults: original = target = the output size, crop 0,0. None for other families."""
+    if bundle.config.cond.kind != "sdxl":
+        return None
+    hw = lambda wh: (height, width) if wh is None else (wh[1], wh[0])  # noqa: E731
+    return {
+        "original_size": hw(settings.original_size),
+        "crop": (settings.crop[1], settings.crop[0]),
+        "target_size": hw(settings.target_size),
+        "aesthetic_score": settings.aesthetic_score,
+        "negative_aesthetic_score": settings.negative_aesthetic_score,
+    }
 
 
 # -------------------------------------------------------------------------------------------- sampling
@@ -364,7 +392,7 @@ def decode(bundle: ModelBundle, z: torch.Tensor, tile: int | None = None) -> tor
     """Scaled latent → image in [0, 1] (as diffusers: (x/2 + 0.5).clamp(0, 1))."""
     if z.device.type == "cpu":
         release_free_memory()
-    with torch.no_grad():
+    with torch.no_grad(), upcast_vae(bundle):
         img = decode_latents(bundle.first_stage, z / bundle.config.scale_factor, tile=tile)
     img = img.float()
     if not torch.isfinite(img).all():
@@ -403,12 +431,28 @@ def warn_non_finite(bundle: ModelBundle) -> None:
     warnings.warn(f"the decoded image has NaN/Inf pixels (shown black); {where}", RuntimeWarning, stacklevel=2)
 
 
+@contextmanager
+def upcast_vae(bundle: ModelBundle):
+    """The SDXL VAE overflows in fp16 (NaN, black images): encode / decode with it in fp32 and cast it back
+    after, as diffusers' `force_upcast` does. Other first stages, other dtypes (bf16 has fp32's range): as they
+    are."""
+    fs = bundle.first_stage
+    if not bundle.config.vae_force_upcast or network_dtype(fs) != torch.float16:
+        yield
+        return
+    fs.to(torch.float32)
+    try:
+        yield
+    finally:
+        fs.to(torch.float16)
+
+
 def encode(
     bundle: ModelBundle, images: torch.Tensor, gens: list[torch.Generator] | None = None, tile: int | None = None
 ) -> torch.Tensor:
     """Images in [0, 1] → scaled latents. KL: a posterior sample drawn from each image's generator
     (as diffusers' img2img), or the mode without generators."""
-    with torch.no_grad():
+    with torch.no_grad(), upcast_vae(bundle):
         z = encode_latents(bundle.first_stage, images * 2 - 1, gens, tile=tile)
     return z * bundle.config.scale_factor
 
@@ -422,8 +466,14 @@ def txt2img(
     height: int,
     settings: Settings,
     callback=None,
+    refiner: ModelBundle | None = None,
+    refiner_start: float = 0.8,
 ) -> torch.Tensor:
-    return decode(bundle, txt2img_latent(bundle, prompts, negatives, seeds, width, height, settings, callback))
+    """Text to image. With a `refiner` (SDXL's ensemble of experts, diffusers' `denoising_end` /
+    `denoising_start`): the base runs the steps whose timestep is at least (1 - refiner_start)·T, the refiner
+    the rest, on the same latent; the refiner's first stage decodes."""
+    z = txt2img_latent(bundle, prompts, negatives, seeds, width, height, settings, callback, refiner, refiner_start)
+    return decode(bundle if refiner is None else refiner, z)
 
 
 def txt2img_latent(
@@ -435,8 +485,10 @@ def txt2img_latent(
     height: int,
     settings: Settings,
     callback=None,
+    refiner: ModelBundle | None = None,
+    refiner_start: float = 0.8,
 ) -> torch.Tensor:
-    """txt2img up to the scaled latent (before the decoder)."""
+    """txt2img up to the scaled latent (before the decoder), the refiner taking over at `refiner_start`."""
     settings.check()
     check_size(bundle, width, height)
     if bundle.config.concat is not None:
@@ -450,9 +502,35 @@ def txt2img_latent(
     sigmas = sigmas_for(bundle, settings)
     noise, gens = initial_noise(latent_shape(bundle, len(seeds), width, height), seeds, gens, settings, device)
     x = prepare_noise(noise, sigmas, settings.sampler, settings.spacing)
-    cond, uncond = encode_prompts(bundle, prompts, negatives, settings.cfg)
-    x = _sample(bundle, x, sigmas, settings, cond, uncond, gens, callback)
+    sdxl = sdxl_conditioning(bundle, settings, width, height)
+    cond, uncond = encode_prompts(bundle, prompts, negatives, settings.cfg, sdxl)
+    if refiner is None:
+        x = _sample(bundle, x, sigmas, settings, cond, uncond, gens, callback)
+        return to_latent(x, sigmas[-1])
+    k = refiner_split(bundle, sigmas, settings, refiner_start)
+    x = _sample(bundle, x, sigmas[: k + 1], settings, cond, uncond, gens, callback)
+    sdxl = sdxl_conditioning(refiner, settings, width, height)
+    cond, uncond = encode_prompts(refiner, prompts, negatives, settings.cfg, sdxl)
+    x = _sample(refiner, x.to(_params(refiner)[0]), sigmas[k:], settings, cond, uncond, gens, callback)
     return to_latent(x, sigmas[-1])
+
+
+def refiner_split(bundle: ModelBundle, sigmas: torch.Tensor, settings: Settings, start: float) -> int:
+    """How many of the steps the base runs before the refiner takes over at fraction `start` of the schedule:
+    those whose timestep t >= round(T - start·T) (diffusers' `denoising_end`; the refiner's `denoising_start`
+    keeps the others)."""
+    if not 0.0 < start < 1.0:
+        raise ConfigError(f"--refiner-start must be in (0, 1), not {start}")
+    total = bundle.schedule.num_timesteps
+    cutoff = int(round(total - start * total))
+    t = bundle.schedule.sigma_to_t(sigmas[:-1], quantize=quantize_timesteps(settings.sampler))
+    k = int((t >= cutoff).sum())
+    if k == 0 or k == len(t):
+        raise ConfigError(
+            f"--refiner-start {start} with {settings.steps} steps leaves "
+            f"{'the base' if k == 0 else 'the refiner'} no step: move it towards 0.5 or raise --steps"
+        )
+    return k
 
 
 def img2img(
@@ -480,7 +558,9 @@ def img2img_latent(
     sigmas = tail(sigmas_for(bundle, settings), settings.strength)
     noise = randn(tuple(z0.shape), gens, z0.device)
     x = noise_for_img2img(z0.float(), noise, sigmas[0])
-    cond, uncond = encode_prompts(bundle, prompts, negatives, settings.cfg)
+    f = bundle.config.factor
+    sdxl = sdxl_conditioning(bundle, settings, z0.shape[-1] * f, z0.shape[-2] * f)
+    cond, uncond = encode_prompts(bundle, prompts, negatives, settings.cfg, sdxl)
     x = _sample(bundle, x, sigmas, settings, cond, uncond, gens, callback)
     return to_latent(x, sigmas[-1])
 
@@ -509,7 +589,8 @@ def inpaint(
     masks = (masks >= 0.5).to(images.dtype)
     device, dtype = _params(bundle)
     gens = generators(seeds, settings.rng)
-    cond, uncond = encode_prompts(bundle, prompts, negatives, settings.cfg)
+    sdxl = sdxl_conditioning(bundle, settings, images.shape[-1], images.shape[-2])
+    cond, uncond = encode_prompts(bundle, prompts, negatives, settings.cfg, sdxl)
     sigmas = sigmas_for(bundle, settings)
     n = images.shape[0]
     shape = latent_shape(bundle, n, images.shape[-1], images.shape[-2])

@@ -8,10 +8,14 @@ checkpoints, so `model.diffusion_model.*` loads with `strict=True` once the pref
 Every attention goes through `F.scaled_dot_product_attention`.
 
 Conditioning: cross-attention context (paper Eq. 3), class labels (`num_classes`) added to the time
-embedding (the SD 2 x4 upscaler feeds its noise level this way). `disable_self_attentions` turns a
-level's self-attention into a second cross-attention (stablediffusion's `disable_self_attn`). Concat
-conditioning (inpainting, super-resolution) is the caller's job: it concatenates channels to x, and
-`in_channels` says how many there are.
+embedding (the SD 2 x4 upscaler feeds its noise level this way), or SDXL's "vector" (`num_classes="sequential"`,
+`adm_in_channels` wide: pooled text embedding + size embeddings) through an MLP `label_emb` (sgm's openaimodel).
+SDXL also sets `transformer_depth` per level (sgm's list form; `transformer_depth_middle` defaults to the last).
+Latents of any size run: where a level halves an odd side, the upsampler interpolates to the skip's size
+(as diffusers' UNet2DConditionModel, `forward_upsample_size`); sides divisible by 2^(levels-1) take the plain x2.
+`disable_self_attentions` turns a level's self-attention into a second cross-attention (stablediffusion's
+`disable_self_attn`). Concat conditioning (inpainting, super-resolution) is the caller's job: it concatenates
+channels to x, and `in_channels` says how many there are.
 """
 
 from __future__ import annotations
@@ -67,10 +71,12 @@ class UNetConfig:
     num_heads: int = -1
     num_head_channels: int = -1
     use_spatial_transformer: bool = False
-    transformer_depth: int = 1
+    transformer_depth: int | tuple[int, ...] = 1  # one for all levels, or one per level (SDXL)
+    transformer_depth_middle: int | None = None  # None: transformer_depth (its last entry when per level)
     context_dim: int | None = None
     use_linear_in_transformer: bool = False
-    num_classes: int | None = None
+    num_classes: int | str | None = None  # "sequential": label_emb is an MLP on an adm_in_channels vector (SDXL)
+    adm_in_channels: int | None = None
     disable_self_attentions: tuple[bool, ...] | None = None  # per level: attn1 attends to the context too
     disable_middle_self_attn: bool = False
     legacy: bool = False
@@ -82,7 +88,7 @@ class UNetConfig:
     image_size: int | None = None  # informative: the latent size it was trained at
 
     def __post_init__(self) -> None:
-        self.attention_resolutions = tuple(int(r) for r in self.attention_resolutions)
+        self.attention_resolutions = tuple(sorted(int(r) for r in self.attention_resolutions))
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
         if self.disable_self_attentions is not None:
             self.disable_self_attentions = tuple(bool(d) for d in self.disable_self_attentions)
@@ -95,8 +101,33 @@ class UNetConfig:
             raise ConfigError("UNet config needs num_heads or num_head_channels (got neither)")
         if self.use_spatial_transformer and self.context_dim is None:
             raise ConfigError("UNet config: use_spatial_transformer needs context_dim (cross-attention width)")
-        if self.num_classes is not None and not isinstance(self.num_classes, int):
-            raise ConfigError(f"UNet config: num_classes={self.num_classes!r} is not supported; use an int or null")
+        if isinstance(self.context_dim, (list, tuple)):  # sgm: one per level (the SDXL refiner); all equal
+            if len(set(self.context_dim)) != 1:
+                raise ConfigError(f"UNet config: context_dim {list(self.context_dim)} differs between levels")
+            self.context_dim = int(self.context_dim[0])
+        if isinstance(self.transformer_depth, (list, tuple)):
+            self.transformer_depth = tuple(int(d) for d in self.transformer_depth)
+            if len(self.transformer_depth) != len(self.channel_mult):
+                raise ConfigError(
+                    f"UNet config: transformer_depth has {len(self.transformer_depth)} entries but channel_mult "
+                    f"has {len(self.channel_mult)} levels; give one per level or a single int"
+                )
+        if self.num_classes == "sequential":
+            if not self.adm_in_channels:
+                raise ConfigError("UNet config: num_classes 'sequential' needs adm_in_channels (the vector's width)")
+        elif self.num_classes is not None and not isinstance(self.num_classes, int):
+            raise ConfigError(
+                f"UNet config: num_classes={self.num_classes!r} is not supported; use an int, 'sequential' or null"
+            )
+
+    def depth(self, level: int | None) -> int:
+        """Transformer blocks per SpatialTransformer at a level (None: the middle block)."""
+        d = self.transformer_depth
+        if level is None:
+            if self.transformer_depth_middle is not None:
+                return self.transformer_depth_middle
+            return d[-1] if isinstance(d, tuple) else d
+        return d[level] if isinstance(d, tuple) else d
 
     def heads(self, channels: int) -> tuple[int, int]:
         """(number of heads, head width) of an attention layer on `channels` channels."""
@@ -108,6 +139,8 @@ class UNetConfig:
         d = asdict(self)
         d["attention_resolutions"] = list(self.attention_resolutions)
         d["channel_mult"] = list(self.channel_mult)
+        if isinstance(self.transformer_depth, tuple):
+            d["transformer_depth"] = list(self.transformer_depth)
         if self.disable_self_attentions is not None:
             d["disable_self_attentions"] = list(self.disable_self_attentions)
         return d
@@ -133,6 +166,8 @@ class UNetConfig:
             params.pop(key, None)
         if params.get("transformer_depth") is None:
             params.pop("transformer_depth", None)
+        if "use_spatial_transformer" not in params and params.get("context_dim") is not None:
+            params["use_spatial_transformer"] = True  # sgm's UNetModel (SDXL) always builds SpatialTransformers
         return cls.from_dict(params)
 
     @classmethod
@@ -140,12 +175,13 @@ class UNetConfig:
         """Infer the config from keys and shapes (keys without `model.diffusion_model.`).
 
         Heads cannot be seen in weights; conventions fill them in and an explicit config overrides:
-        conv proj_in (SD 1.x) -> num_heads=8; linear proj_in (SD 2.x) -> num_head_channels=64, except the
+        conv proj_in (SD 1.x) -> num_heads=8; linear proj_in (SD 2.x, SDXL: an MLP label_emb) ->
+        num_head_channels=64, except the
         SD 2 x4 upscaler (class labels, 3 channels more in than out) -> num_heads=8; legacy AttentionBlock
         (CompVis LDM unconditional / super-resolution) -> num_head_channels=32.
         A level whose self-attention keys take the context's width is a `disable_self_attentions` level
         (undetectable when the level is as wide as the context: read as not disabled).
-        `family_hint` ("sd1", "sd2", "upscaler", "ldm") picks the convention explicitly. `conv_resample=True`,
+        `family_hint` ("sd1", "sd2", "sdxl", "upscaler", "ldm") picks the convention explicitly. `conv_resample=True`,
         `legacy=False` and `use_new_attention_order=False` are assumed.
         """
         try:
@@ -198,18 +234,31 @@ def _infer_unet(sd: dict[str, torch.Tensor], family_hint: str | None) -> dict:
         use_scale_shift_norm=sd[f"{res0}.emb_layers.1.weight"].shape[0] == 2 * out0,
     )
     if spatial:
-        kw["transformer_depth"] = _count(sd, "middle_block.1.transformer_blocks.{}.")
+        middle = _count(sd, "middle_block.1.transformer_blocks.{}.")
+        per_level = [_count(sd, f"input_blocks.{i}.1.transformer_blocks.{{}}.") for i in first]
+        attended = {d for d in per_level if d}
+        if attended == {middle}:
+            kw["transformer_depth"] = middle
+        else:  # SDXL: a depth per level (0 where a level has no attention), the middle as the last level
+            kw["transformer_depth"] = tuple(per_level)
+            kw["transformer_depth_middle"] = None if middle == per_level[-1] else middle
         kw["context_dim"] = int(sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1])
         kw.update(_disabled_self_attentions(sd, first, channel_mult, int(model_channels), kw["context_dim"]))
     if "label_emb.weight" in sd:
         kw["num_classes"] = int(sd["label_emb.weight"].shape[0])
+    elif "label_emb.0.0.weight" in sd:
+        kw["num_classes"] = "sequential"
+        kw["adm_in_channels"] = int(sd["label_emb.0.0.weight"].shape[1])
     elif any(k.startswith("label_emb.") for k in sd):
-        raise CheckpointError("UNet weights have a sequential label_emb (num_classes='sequential'); not supported")
+        raise CheckpointError("UNet weights have a label_emb of unknown layout (neither Embedding nor MLP)")
     upscaler = "label_emb.weight" in sd and kw["in_channels"] == kw["out_channels"] + 3
-    family = family_hint or ("ldm" if not spatial else ("upscaler" if upscaler else "sd2") if linear else "sd1")
-    if family not in ("sd1", "sd2", "upscaler", "ldm"):
-        raise ConfigError(f"UNet family hint {family_hint!r} is unknown; use 'sd1', 'sd2', 'upscaler' or 'ldm'")
-    if family == "sd2":
+    sdxl = kw.get("num_classes") == "sequential" and linear
+    family = family_hint or (
+        "ldm" if not spatial else ("upscaler" if upscaler else "sdxl" if sdxl else "sd2") if linear else "sd1"
+    )
+    if family not in ("sd1", "sd2", "sdxl", "upscaler", "ldm"):
+        raise ConfigError(f"UNet family hint {family_hint!r} is unknown; use 'sd1', 'sd2', 'sdxl', 'upscaler' or 'ldm'")
+    if family in ("sd2", "sdxl"):
         kw["num_head_channels"] = 64
     elif family == "ldm" and not spatial:
         kw["num_head_channels"] = 32
@@ -279,8 +328,12 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1) if use_conv else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2, mode="nearest")
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """`size`: the skip connection's (h, w) when it is not twice x's (a level halved an odd side)."""
+        if size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]):
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        else:
+            x = F.interpolate(x, size=tuple(size), mode="nearest")
         return x if self.conv is None else self.conv(x)
 
 
@@ -320,10 +373,11 @@ class ResBlock(nn.Module):
         )
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         if self.updown:
-            h = self.in_layers[2](self.h_upd(self.in_layers[1](self.in_layers[0](x))))
-            x = self.x_upd(x)
+            resize = (lambda m, t: m(t, size)) if isinstance(self.h_upd, Upsample) else (lambda m, t: m(t))
+            h = self.in_layers[2](resize(self.h_upd, self.in_layers[1](self.in_layers[0](x))))
+            x = resize(self.x_upd, x)
         else:
             h = self.in_layers(x)
         emb_out = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
@@ -503,14 +557,23 @@ class SpatialTransformer(nn.Module):
 
 
 class TimestepEmbedSequential(nn.Sequential):
-    """Sequential that hands the time embedding to ResBlocks and the context to SpatialTransformers."""
+    """Sequential that hands the time embedding to ResBlocks, the context to SpatialTransformers and the
+    output size (the next skip connection's) to upsamplers."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        emb: torch.Tensor,
+        context: torch.Tensor | None = None,
+        size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
-                x = layer(x, emb)
+                x = layer(x, emb, size)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
             else:
                 x = layer(x)
         return x
@@ -529,7 +592,10 @@ class UNetModel(nn.Module):
         mc = cfg.model_channels
         emb_dim = mc * 4
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        if cfg.num_classes is not None:
+        if cfg.num_classes == "sequential":  # sgm: Sequential(Sequential(Linear, SiLU, Linear))
+            mlp = nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            self.label_emb = nn.Sequential(mlp)
+        elif cfg.num_classes is not None:
             self.label_emb = nn.Embedding(cfg.num_classes, emb_dim)
 
         def res(ch_in: int, ch_out: int, **updown) -> ResBlock:
@@ -542,7 +608,7 @@ class UNetModel(nn.Module):
                 layers = [res(ch, mult * mc)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
-                    layers.append(self._attention(ch, self._self_attn_disabled(level)))
+                    layers.append(self._attention(ch, level, self._self_attn_disabled(level)))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(cfg.channel_mult) - 1:
@@ -551,7 +617,7 @@ class UNetModel(nn.Module):
                 skip_channels.append(ch)
                 ds *= 2
         self.middle_block = TimestepEmbedSequential(
-            res(ch, ch), self._attention(ch, cfg.disable_middle_self_attn), res(ch, ch)
+            res(ch, ch), self._attention(ch, None, cfg.disable_middle_self_attn), res(ch, ch)
         )
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -559,7 +625,7 @@ class UNetModel(nn.Module):
                 layers = [res(ch + skip_channels.pop(), mc * mult)]
                 ch = mc * mult
                 if ds in cfg.attention_resolutions:
-                    layers.append(self._attention(ch, self._self_attn_disabled(level)))
+                    layers.append(self._attention(ch, level, self._self_attn_disabled(level)))
                 if level and i == cfg.num_res_blocks:
                     layers.append(res(ch, ch, up=True) if cfg.resblock_updown else Upsample(ch, cfg.conv_resample))
                     ds //= 2
@@ -569,7 +635,8 @@ class UNetModel(nn.Module):
     def _self_attn_disabled(self, level: int) -> bool:
         return bool(self.config.disable_self_attentions and self.config.disable_self_attentions[level])
 
-    def _attention(self, ch: int, disable_self_attn: bool = False) -> nn.Module:
+    def _attention(self, ch: int, level: int | None, disable_self_attn: bool = False) -> nn.Module:
+        """The attention of a level (None: the middle block)."""
         cfg = self.config
         heads, head_dim = cfg.heads(ch)
         if heads < 1 or heads * head_dim != ch:
@@ -582,7 +649,7 @@ class UNetModel(nn.Module):
                 ch,
                 heads,
                 head_dim,
-                cfg.transformer_depth,
+                cfg.depth(level),
                 cfg.dropout,
                 cfg.context_dim,
                 cfg.use_linear_in_transformer,
@@ -598,7 +665,8 @@ class UNetModel(nn.Module):
         y: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Network output (eps or v) for noisy latents x [b, in_channels, h, w] at (possibly fractional)
-        timesteps [b] or a scalar, with cross-attention context [b, n, context_dim] and class labels y [b]."""
+        timesteps [b] or a scalar, with cross-attention context [b, n, context_dim] and class labels y [b]
+        (or, with num_classes "sequential", the vector [b, adm_in_channels])."""
         timesteps = torch.as_tensor(timesteps, device=x.device)
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
@@ -606,8 +674,11 @@ class UNetModel(nn.Module):
         emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))
         if self.config.num_classes is not None:
             if y is None:
-                raise InputError("this UNet is class-conditional (num_classes set): pass class labels y")
-            emb = emb + self.label_emb(y)
+                what = "the vector y" if self.config.num_classes == "sequential" else "class labels y"
+                raise InputError(f"this UNet is class-conditional (num_classes set): pass {what}")
+            if self.config.num_classes == "sequential":
+                y = y.to(self.label_emb[0][0].weight.dtype)
+            emb = emb + self.label_emb(y).to(emb.dtype)
         hs = []
         h = x
         for block in self.input_blocks:
@@ -615,5 +686,6 @@ class UNetModel(nn.Module):
             hs.append(h)
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
-            h = block(torch.cat([h, hs.pop()], dim=1), emb, context)
+            h = torch.cat([h, hs.pop()], dim=1)
+            h = block(h, emb, context, hs[-1].shape[-2:] if hs else None)
         return self.out(h)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Optional
 from .. import validation
 from ..errors import ConfigError, LatentgenError
 from .app import note
+from .sdxl import SDXL_ITEM_KEYS
 
 if TYPE_CHECKING:
     from .session import Session
@@ -29,6 +30,7 @@ ITEM_KEYS = {
     "strength",
     "class",
 }
+ITEM_KEYS |= set(SDXL_ITEM_KEYS)  # SDXL size / aesthetic conditioning
 
 
 def check_options(**values) -> None:

@@ -37,6 +37,19 @@ from .options import (
     WidthOpt,
 )
 from .recipe import _recipe, _recipe_run
+from .sdxl import (
+    AestheticOpt,
+    CropOpt,
+    NegAestheticOpt,
+    OriginalSizeOpt,
+    RefinerOpt,
+    RefinerStartOpt,
+    TargetSizeOpt,
+    item_sdxl,
+    load_refiner,
+    sdxl_meta,
+    sdxl_settings,
+)
 from .session import Session
 
 
@@ -88,8 +101,19 @@ def txt2img(
     ensd: Optional[int] = typer.Option(
         None, "--eta-noise-seed-delta", help="A1111's ENSD: step noise of ancestral/SDE samplers from seed + N."
     ),
+    original_size: Optional[str] = OriginalSizeOpt,
+    crop: Optional[str] = CropOpt,
+    target_size: Optional[str] = TargetSizeOpt,
+    aesthetic_score: Optional[float] = AestheticOpt,
+    negative_aesthetic_score: Optional[float] = NegAestheticOpt,
+    refiner: Optional[str] = RefinerOpt,
+    refiner_start: Optional[float] = RefinerStartOpt,
 ) -> None:
-    """Generate images from text (or class labels, or nothing for unconditional models)."""
+    """Generate images from text (or class labels, or nothing for unconditional models).
+
+    SDXL: 1024x1024 by default. Without a negative prompt (or with an empty one) the base's unconditional text
+    embeddings are zeros (the original code; diffusers with negative_prompt=None); a negative prompt is encoded.
+    The refiner always encodes its negative ('' by default) with --negative-aesthetic-score."""
     rec = _recipe(recipe)
     seeding = _seed_options(rec, rng, subseed, subseed_strength, ensd)
     hires_fix = _hires_options(rec, hires, hires_steps, hires_strength, hires_upscaler, hires_sampler, hires_prompt)
@@ -132,6 +156,18 @@ def txt2img(
     defaults = sess.settings(steps, sampler, karras, spacing, cfg, eta, recipe=rec, scheduler=scheduler)
     defaults = replace(defaults, **seeding)
     defaults.check()
+    sdxl_opts = dict(
+        original_size=original_size,
+        crop=crop,
+        target_size=target_size,
+        aesthetic_score=aesthetic_score,
+        negative_aesthetic_score=negative_aesthetic_score,
+        recipe=rec,
+    )
+    defaults = sdxl_settings(defaults, sess.bundle.config, **sdxl_opts)
+    if (refiner or rec.get("refiner")) and hires_fix is not None:
+        raise ConfigError("--refiner and --hires together are not supported: use one of them")
+    ref_bundle, ref_start = load_refiner(sess, refiner, refiner_start, low_memory, rec)
     w0, h0 = sess.size(width, height, rec)
     pipelines.check_size(sess.bundle, w0, h0)
     pipelines.guard_memory(sess.bundle, num, w0, h0, defaults)
@@ -149,6 +185,7 @@ def txt2img(
         )
         sub = None if defaults.subseed is None else defaults.subseed + (seeds[0] - base)  # advances with the seed
         st = replace(st, **{**seeding, "subseed": sub})
+        st = sdxl_settings(st, sess.bundle.config, **item_sdxl(item, sdxl_opts))
         w, h = int(item.get("width", w0)), int(item.get("height", h0))
         text = item.get("prompt", "")
         neg = item.get("negative", negative or "")
@@ -159,7 +196,10 @@ def txt2img(
         bar = sess.progress(total, text[:40] or "txt2img")
         try:
             if hires_fix is None:
-                imgs = pipelines.txt2img(sess.bundle, conds, [neg] * len(seeds), seeds, w, h, st, callback=bar)
+                refine = {"refiner": ref_bundle, "refiner_start": ref_start} if ref_bundle is not None else {}
+                imgs = pipelines.txt2img(
+                    sess.bundle, conds, [neg] * len(seeds), seeds, w, h, st, callback=bar, **refine
+                )
             else:
                 from ..hires import txt2img_hires
 
@@ -182,7 +222,10 @@ def txt2img(
             "prediction": sess.bundle.config.prediction,
             "model_path": sess.model_path,
             "ema": ema,
+            **sdxl_meta(st, sess.bundle.config),
         }
+        if ref_bundle is not None:
+            meta.update(refiner=ref_bundle.path, refiner_start=ref_start)
         if kind == "class":
             meta["class"] = conds[0]
         if hires_fix is not None:
@@ -268,8 +311,22 @@ def img2img(
     config: Optional[str] = ConfigOpt,
     ema: bool = EmaOpt,
     low_memory: Optional[bool] = LowMemOpt,
+    original_size: Optional[str] = OriginalSizeOpt,
+    crop: Optional[str] = CropOpt,
+    target_size: Optional[str] = TargetSizeOpt,
+    aesthetic_score: Optional[float] = AestheticOpt,
+    negative_aesthetic_score: Optional[float] = NegAestheticOpt,
 ) -> None:
-    """Change an image towards a prompt (SDEdit: encode, noise to the strength's σ, denoise the tail)."""
+    """Change an image towards a prompt (SDEdit: encode, noise to the strength's σ, denoise the tail).
+
+    Works with an SDXL refiner alone (--model REFINER), which conditions on --aesthetic-score."""
+    sdxl_opts = dict(
+        original_size=original_size,
+        crop=crop,
+        target_size=target_size,
+        aesthetic_score=aesthetic_score,
+        negative_aesthetic_score=negative_aesthetic_score,
+    )
     check_options(
         steps=steps,
         sampler=sampler,
@@ -294,6 +351,7 @@ def img2img(
     items = sess.read_items(prompt)
     sess.check_outputs(items, num)
     defaults = sess.settings(steps, sampler, karras, spacing, cfg, eta, strength, scheduler=scheduler)
+    defaults = sdxl_settings(defaults, sess.bundle.config, **sdxl_opts)
     pipelines.guard_memory(sess.bundle, num, init.shape[-1], init.shape[-2], defaults)
     base = base_seed(seed, quiet)
 
@@ -308,6 +366,7 @@ def img2img(
             item.get("strength", strength),
             scheduler=item.get("scheduler", defaults.scheduler),
         )
+        st = sdxl_settings(st, sess.bundle.config, **item_sdxl(item, sdxl_opts))
         text, neg = item.get("prompt", ""), item.get("negative", negative or "")
         bar = sess.progress(st.steps, text[:40] or "img2img")
         try:
@@ -339,6 +398,7 @@ def img2img(
             "init_image": image,
             "prediction": sess.bundle.config.prediction,
             "model_path": sess.model_path,
+            **sdxl_meta(st, sess.bundle.config),
         }
 
     run_generation(sess, items, base, num, make, {})
@@ -375,8 +435,18 @@ def inpaint(
     config: Optional[str] = ConfigOpt,
     ema: bool = EmaOpt,
     low_memory: Optional[bool] = LowMemOpt,
+    original_size: Optional[str] = OriginalSizeOpt,
+    crop: Optional[str] = CropOpt,
+    target_size: Optional[str] = TargetSizeOpt,
 ) -> None:
     """Repaint the white part of a mask (or the border added by --extend)."""
+    sdxl_opts = dict(
+        original_size=original_size,
+        crop=crop,
+        target_size=target_size,
+        aesthetic_score=None,
+        negative_aesthetic_score=None,
+    )
     import torch
 
     check_options(
@@ -425,6 +495,7 @@ def inpaint(
     items = sess.read_items(prompt)
     sess.check_outputs(items, num)
     defaults = sess.settings(steps, sampler, karras, spacing, cfg, eta, strength, scheduler=scheduler)
+    defaults = sdxl_settings(defaults, sess.bundle.config, **sdxl_opts)
     pipelines.guard_memory(sess.bundle, num, init.shape[-1], init.shape[-2], defaults)
     base = base_seed(seed, quiet)
 
@@ -439,6 +510,7 @@ def inpaint(
             item.get("strength", strength),
             scheduler=item.get("scheduler", defaults.scheduler),
         )
+        st = sdxl_settings(st, sess.bundle.config, **item_sdxl(item, sdxl_opts))
         text, neg = item.get("prompt", ""), item.get("negative", negative or "")
         n = len(seeds)
         bar = sess.progress(st.steps, text[:40] or "inpaint")
@@ -475,6 +547,7 @@ def inpaint(
             "extend": extend,
             "prediction": sess.bundle.config.prediction,
             "model_path": sess.model_path,
+            **sdxl_meta(st, sess.bundle.config),
         }
 
     run_generation(sess, items, base, num, make, {})

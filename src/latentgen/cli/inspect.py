@@ -30,7 +30,7 @@ def info(
     lines = [
         f"model         {d['name']}  ({d['format']} format)",
         f"path          {d['path']}",
-        f"family        {d['family']}",
+        f"family        {d['family']}" + (f" ({d['variant_source']})" if d.get("variant") else ""),
         f"prediction    {d['prediction']}{guess}",
         f"first stage   {d['first_stage'].upper()}, f={d['factor']}, {d['latent_channels']} latent channels, "
         f"scale {d['scale_factor']:g}",

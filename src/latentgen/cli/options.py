@@ -15,7 +15,13 @@ ModelOpt = typer.Option(
 )
 
 
-NegativeOpt = typer.Option(None, "--negative", "-n", help="Negative prompt (classifier-free guidance).")
+NegativeOpt = typer.Option(
+    None,
+    "--negative",
+    "-n",
+    help="Negative prompt (classifier-free guidance). SDXL base: none or empty gives zeroed unconditional "
+    "text embeddings (as the original code); the refiner encodes it ('' by default).",
+)
 
 
 StepsOpt = typer.Option(None, "--steps", help="Sampling steps (default: the model's recommendation, else 25).")

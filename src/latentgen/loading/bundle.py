@@ -28,6 +28,7 @@ from .layout import (
     split_prefix,
 )
 from .safetensors import read_converted, write_safetensors
+from .sdxl import SDXL_COND_PREFIX, SDXL_IGNORED_KEYS, read_and_guessed, variant
 from .weights import upcast_on_use
 
 
@@ -109,9 +110,11 @@ _INITS = (
 def build_modules(cfg: ModelConfig):
     from ..autoencoder import build_autoencoder
     from ..text.config import build_conditioner
+    from ..text.sdxl import SDXLConditioner
     from ..unet import UNetModel
 
-    return UNetModel(cfg.unet), build_autoencoder(cfg.first_stage), build_conditioner(cfg.cond)
+    cond = SDXLConditioner(cfg.cond) if cfg.family == "sdxl" else build_conditioner(cfg.cond)
+    return UNetModel(cfg.unet), build_autoencoder(cfg.first_stage), cond
 
 
 def _discrete_schedule(ac, beta_schedule: str, timesteps: int, linear_start: float, linear_end: float):
@@ -251,7 +254,8 @@ def bundle_from_raw(
         low_memory = avail is None or 3 * need > avail
     low_memory = bool(low_memory) and cpu_file
     # with full weights too, the text and image encoders (run once per prompt or image) keep theirs as stored
-    keep = (COND_PREFIX, FIRST_STAGE_PREFIX + "encoder.", FIRST_STAGE_PREFIX + "quant_conv.") if cpu_file else ()
+    cond_prefix = SDXL_COND_PREFIX if cfg.family == "sdxl" else COND_PREFIX
+    keep = (cond_prefix, FIRST_STAGE_PREFIX + "encoder.", FIRST_STAGE_PREFIX + "quant_conv.") if cpu_file else ()
     if dtype is not None and not low_memory:  # weights exist once in memory, in the asked dtype
         todo = [
             k
@@ -267,14 +271,14 @@ def bundle_from_raw(
         else:  # a diffusers folder: its tensors were renamed and stacked from several files
             for k in todo:
                 sd[k] = sd[k].to(dtype)
-    unet_sd, fs_sd, cond_sd = (split_prefix(sd, p) for p in (UNET_PREFIX, FIRST_STAGE_PREFIX, COND_PREFIX))
+    unet_sd, fs_sd, cond_sd = (split_prefix(sd, p) for p in (UNET_PREFIX, FIRST_STAGE_PREFIX, cond_prefix))
     if ema:
         unet_sd = _ema_unet(sd, unet_sd, path)
     stray = [
         k
         for k in sd
-        if not k.startswith((UNET_PREFIX, FIRST_STAGE_PREFIX, COND_PREFIX))
-        and k not in IGNORED_KEYS
+        if not k.startswith((UNET_PREFIX, FIRST_STAGE_PREFIX, cond_prefix))
+        and k not in IGNORED_KEYS | SDXL_IGNORED_KEYS
         and not k.startswith(IGNORED_PREFIXES)
     ]
     if stray:
@@ -295,7 +299,7 @@ def bundle_from_raw(
     try:
         cond.load_original_state_dict(cond_sd)
     except CheckpointError as e:
-        raise CheckpointError(f"{path}: conditioning (cond_stage_model.*): {e}") from e
+        raise CheckpointError(f"{path}: conditioning ({cond_prefix}*): {e}") from e
     bundle = ModelBundle(
         cfg, unet, first_stage, cond, make_schedule(cfg, sd), path, raw.format, notes, make_low_scale_schedule(cfg, sd)
     )
@@ -322,7 +326,8 @@ def save_model(
     """latentgen's own format: the original single-file layout + the ModelConfig as JSON metadata."""
     tensors = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
     tensors.update({FIRST_STAGE_PREFIX + k: v for k, v in first_stage.state_dict().items()})
-    tensors.update({COND_PREFIX + k: v for k, v in cond.original_state_dict().items()})
+    cond_prefix = SDXL_COND_PREFIX if cfg.family == "sdxl" else COND_PREFIX
+    tensors.update({cond_prefix + k: v for k, v in cond.original_state_dict().items()})
     sched, low = make_schedule(cfg), make_low_scale_schedule(cfg)
     tensors["alphas_cumprod"] = sched.alphas_cumprod.float()
     if low is not None:
@@ -371,6 +376,8 @@ def _description(cfg: ModelConfig, path: str, fmt: str, params: dict, notes: lis
         "format": fmt,
         "name": cfg.name,
         "family": cfg.family,
+        "variant": variant(cfg),
+        "variant_source": read_and_guessed(cfg) if variant(cfg) else None,
         "prediction": cfg.prediction,
         "prediction_source": cfg.prediction_source,
         "first_stage": cfg.first_stage.kind,

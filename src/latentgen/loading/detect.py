@@ -11,6 +11,7 @@ from ..errors import CheckpointError
 from .files import RawCheckpoint
 from .layout import COND_PREFIX, FIRST_STAGE_PREFIX, LOW_SCALE_PREFIX, UNET_PREFIX, split_prefix
 from .original_config import ldm_params, low_scale_from_ldm, schedule_from_ldm
+from .sdxl import SDXL_COND_PREFIX, is_sdxl, sdxl_config
 
 
 def _cond_overrides_from_hints(hints: dict) -> dict:
@@ -56,6 +57,9 @@ def detect_config(raw: RawCheckpoint, *, ldm_config: dict | None = None, overrid
         cfg.prediction_source = "metadata"
         return cfg
     sd = raw.tensors
+    if is_sdxl(sd):  # from the weights alone (an sgm --config adds nothing the file does not show)
+        parts = (split_prefix(sd, p) for p in (UNET_PREFIX, FIRST_STAGE_PREFIX, SDXL_COND_PREFIX))
+        return sdxl_config(*parts, raw.path, raw.hints)
     unet_sd, fs_sd, cond_sd = (split_prefix(sd, p) for p in (UNET_PREFIX, FIRST_STAGE_PREFIX, COND_PREFIX))
     if not fs_sd:
         raise CheckpointError(f"{raw.path}: no first_stage_model.* (autoencoder) weights in the checkpoint")

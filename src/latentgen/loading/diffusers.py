@@ -10,6 +10,7 @@ from pathlib import Path
 from ..errors import CheckpointError
 from .layout import COND_PREFIX, FIRST_STAGE_PREFIX, UNET_PREFIX
 from .safetensors import PICKLE_SUFFIXES, _refuse_pickle, read_safetensors
+from .sdxl import diffusers_text_to_original
 
 
 def _diffusers_unet_to_original(sd: dict, cfg: dict) -> dict:
@@ -23,6 +24,8 @@ def _diffusers_unet_to_original(sd: dict, cfg: dict) -> dict:
         "time_embedding.linear_1.": "time_embed.0.",
         "time_embedding.linear_2.": "time_embed.2.",
         "class_embedding.": "label_emb.",
+        "add_embedding.linear_1.": "label_emb.0.0.",  # SDXL's text_time embedding of the vector
+        "add_embedding.linear_2.": "label_emb.0.2.",
         "conv_norm_out.": "out.0.",
         "conv_out.": "out.2.",
         "mid_block.resnets.0.": "middle_block.0.",
@@ -124,7 +127,9 @@ def read_diffusers_folder(folder: Path) -> tuple[dict, dict]:
         "vae": "diffusion_pytorch_model",
         "vqvae": "diffusion_pytorch_model",
         "text_encoder": "model",
+        "text_encoder_2": "model",
     }
+    texts = {}
     for sub, stem in parts.items():
         d = folder / sub
         if not d.is_dir():
@@ -147,8 +152,17 @@ def read_diffusers_folder(folder: Path) -> tuple[dict, dict]:
             sd.update({FIRST_STAGE_PREFIX + k: v for k, v in _diffusers_vae_to_original(tensors, n_levels).items()})
             hints["vae"] = cfg
         else:
-            sd.update({COND_PREFIX + "transformer." + k: v for k, v in tensors.items()})
-            hints["text_encoder"] = cfg
+            texts[sub] = tensors
+            hints[sub] = cfg
+    if "text_encoder_2" in texts:  # SDXL: conditioner.embedders.*
+        sd.update(diffusers_text_to_original(texts.get("text_encoder"), texts["text_encoder_2"]))
+        hints["te_heads"] = {
+            k: hints[sub]["num_attention_heads"]
+            for k, sub in (("clip_l", "text_encoder"), ("bigg", "text_encoder_2"))
+            if "num_attention_heads" in hints.get(sub, {})
+        }
+    elif "text_encoder" in texts:
+        sd.update({COND_PREFIX + "transformer." + k: v for k, v in texts["text_encoder"].items()})
     if "unet" not in hints:
         raise CheckpointError(f"{folder}: not a diffusers model folder (no unet/ with safetensors weights)")
     for name, rel in (

@@ -1,0 +1,160 @@
+"""SDXL through the command line: txt2img with size conditioning and the bit-exact --recipe, the base +
+refiner ensemble, img2img with a refiner alone, encode / decode, the 1024² default, and bad SDXL options
+(one line on stderr, exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sdxl_reference import BASE, SDXL_DIR, base_components, save_folder, tiny_refiner_unet
+from typer.testing import CliRunner
+
+from latentgen import pipelines
+from latentgen.cli.app import app
+from latentgen.cli.session import Session
+from latentgen.images import read_png_text, to_pil
+from latentgen.loading.bundle import load_model
+from latentgen.loading.weights import prepack_convs
+from latentgen.pipelines import Settings
+
+pytestmark = [
+    pytest.mark.skipif(not BASE.exists(), reason=f"SDXL fixtures not found at {SDXL_DIR}"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
+
+
+@pytest.fixture(autouse=True)
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def refiner_dir(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    from test_pipelines import _scheduler
+
+    c = base_components()
+    parts = dict(
+        unet=tiny_refiner_unet(), vae=c["vae"], text_encoder_2=c["text_encoder_2"], tokenizer_2=c["tokenizer_2"]
+    )
+    folder = tmp_path_factory.mktemp("refiner") / "refiner"
+    return str(save_folder(parts, folder, _scheduler("euler", False, "epsilon"), requires_aesthetics_score=True))
+
+
+def packed(path):
+    """The bundle as the CLI runs it on the CPU in fp32 (convolutions prepacked), for bit-exact comparisons."""
+    bundle = load_model(path)
+    for m in (bundle.unet, bundle.first_stage):
+        prepack_convs(m)
+    return bundle
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def as_png_pixels(img: torch.Tensor) -> np.ndarray:
+    return np.asarray(to_pil(img))
+
+
+COMMON = ["--model", str(BASE), "--dtype", "fp32", "--steps", 3, "--width", 72, "--height", 40]
+
+
+def test_txt2img_with_size_conditioning_and_bit_exact_recipe():
+    args = ["txt2img", "a red cube", *COMMON, "--original-size", "500,300", "--crop", "8,4", "--seed", 5]
+    r = cli(*args, "--no-karras", "--out", "a.png")
+    assert r.exit_code == 0, r.stderr
+    st = Settings(steps=3, karras=False, cfg=5.0, original_size=(500, 300), crop=(8, 4))
+    want = pipelines.txt2img(packed(str(BASE)), ["a red cube"], [""], [5], 72, 40, st)[0]
+    assert np.array_equal(pixels("a.png"), as_png_pixels(want))
+    recipe = json.loads(read_png_text("a.png")["latentgen"])
+    assert recipe["sdxl"]["original_size"] == [500, 300] and recipe["sdxl"]["crop"] == [8, 4]
+    assert recipe["cfg"] == 5.0  # the model's recommendation
+    r2 = cli("txt2img", "--recipe", "a.png", "--out", "b.png")
+    assert r2.exit_code == 0, r2.stderr
+    assert np.array_equal(pixels("a.png"), pixels("b.png"))
+
+
+def test_batch_items_override_size_conditioning():
+    lines = '{"prompt": "a", "original_size": [500, 300], "out": "p.png"}\n{"prompt": "a", "out": "q.png"}\n'
+    r = CliRunner().invoke(app, ["txt2img", "-", *map(str, COMMON), "--seed", 1], input=lines)
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(read_png_text("p.png")["latentgen"])["sdxl"]["original_size"] == [500, 300]
+    assert json.loads(read_png_text("q.png")["latentgen"])["sdxl"]["original_size"] is None
+    assert not np.array_equal(pixels("p.png"), pixels("q.png"))
+
+
+def test_default_size_is_1024():
+    bundle = load_model(str(BASE))
+    assert Session.size(SimpleNamespace(bundle=bundle), None, None) == (1024, 1024)
+
+
+def test_refiner_ensemble_and_refiner_alone(refiner_dir):
+    r = cli(
+        "txt2img", "a fox", *COMMON, "--seed", 2, "--refiner", refiner_dir, "--refiner-start", 0.6, "--out", "e.png"
+    )
+    assert r.exit_code == 0, r.stderr
+    st = Settings(steps=3, cfg=5.0)
+    base, ref = packed(str(BASE)), packed(refiner_dir)
+    want = pipelines.txt2img(base, ["a fox"], [""], [2], 72, 40, st, refiner=ref, refiner_start=0.6)[0]
+    assert np.array_equal(pixels("e.png"), as_png_pixels(want))
+    assert json.loads(read_png_text("e.png")["latentgen"])["refiner_start"] == 0.6
+    r = cli("img2img", "e.png", "a fox", "--model", refiner_dir, "--dtype", "fp32", "--steps", 4, "--strength", 0.5,
+            "--aesthetic-score", 7.5, "--seed", 3, "--out", "r.png")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    img = torch.from_numpy(pixels("e.png")).permute(2, 0, 1)[None].float() / 255
+    st = Settings(steps=4, cfg=5.0, strength=0.5, aesthetic_score=7.5)
+    want = pipelines.img2img(ref, img, ["a fox"], [""], [3], st)[0]
+    assert np.array_equal(pixels("r.png"), as_png_pixels(want))
+
+
+def test_encode_decode_round_trip():
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 72, 3), dtype=np.uint8)).save("in.png")
+    r = cli("encode", "in.png", "--model", str(BASE), "--out", "z.safetensors")
+    assert r.exit_code == 0, r.stderr
+    from safetensors import safe_open
+
+    with safe_open("z.safetensors", "pt") as f:
+        assert float(f.metadata()["scale_factor"]) == pytest.approx(0.13025)
+        assert tuple(f.get_tensor(f.keys()[0]).shape) == (1, 4, 5, 9)
+    r = cli("decode", "z.safetensors", "--model", str(BASE), "--out", "d.png")
+    assert r.exit_code == 0, r.stderr
+    assert pixels("d.png").shape == (40, 72, 3)
+
+
+BAD = {
+    "original size": (["--original-size", "5"], "--original-size must be W,H"),
+    "crop": (["--crop", "a,b"], "--crop must be X,Y"),
+    "size step": (["--width", 60], "--width 60"),
+    "refiner start alone": (["--refiner-start", 0.5], "--refiner-start needs --refiner"),
+    "refiner start range": (["--refiner", str(BASE), "--refiner-start", 1.5], "--refiner-start must be in (0, 1)"),
+    "refiner is a base": (["--refiner", str(BASE)], "not an SDXL refiner"),
+    "refiner with hires": (["--refiner", str(BASE), "--hires", 2], "--refiner and --hires"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_sdxl_options_are_one_line_and_exit_2(case):
+    extra, needle = BAD[case]
+    r = cli("txt2img", "x", "--model", str(BASE), "--steps", 1, *extra)
+    assert r.exit_code == 2, (r.stdout, r.stderr, r.exception)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("latentgen: error:") and needle in lines[0], r.stderr
+    assert r.stdout == "" and not list(Path(".").glob("out/*"))
+
+
+def test_sdxl_options_refused_for_other_families(fixtures_dir):
+    r = cli("txt2img", "x", "--model", str(fixtures_dir / "sd1-tiny.safetensors"), "--target-size", "64,64")
+    assert r.exit_code == 2 and "--target-size: SDXL options" in r.stderr
