@@ -15,6 +15,10 @@ def _recipe(path: Optional[str]) -> dict:
     from ..images import read_png_text
 
     text = read_png_text(path)
+    if "latentgen" not in text and "parameters" in text:  # an A1111 (or ComfyUI-exported) image
+        from ..infotext import parse_parameters
+
+        return parse_parameters(text["parameters"])
     if "latentgen" not in text:
         raise InputError(f"{path}: has no latentgen recipe (it was not made by latentgen)")
     try:
