@@ -17,8 +17,9 @@ def _recipe(path: Optional[str]) -> dict:
     text = read_png_text(path)
     if "latentgen" not in text and "parameters" in text:  # an A1111 (or ComfyUI-exported) image
         from ..infotext import parse_parameters
+        from ..validation import check
 
-        return parse_parameters(text["parameters"])
+        return check(parse_parameters(text["parameters"]), f"{path}: parameters")
     if "latentgen" not in text:
         raise InputError(f"{path}: has no latentgen recipe (it was not made by latentgen)")
     try:
