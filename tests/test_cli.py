@@ -190,6 +190,29 @@ def test_variation_seed_and_nv_rng_are_recorded_and_replayed(models):
     assert np.array_equal(pixels("v1.png"), pixels("w.png"))
 
 
+def test_recipe_from_an_a1111_png(models):
+    """--recipe reads A1111's `parameters` when the PNG has no latentgen recipe: sampler name, schedule type,
+    steps, CFG, seed, size and RNG."""
+    from latentgen.images import save_png
+
+    text = "a dot\nNegative prompt: blur\nSteps: 3, Sampler: Euler, Schedule type: Karras, CFG scale: 4, Seed: 77, "
+    save_png(Image.new("RGB", (8, 8)), "a1111.png", text={"parameters": text + "Size: 16x24, RNG: CPU"})
+    r = cli("txt2img", "--recipe", "a1111.png", "--model", models["sd1"], "--dtype", "fp32", "--json", "--out", "r.png")
+    assert r.exit_code == 0, r.stderr
+    rec = json_lines(r.stdout)[0]
+    assert (rec["sampler"], rec["scheduler"], rec["steps"], rec["seed"], rec["negative"]) == (
+        "euler",
+        "karras",
+        3,
+        77,
+        "blur",
+    )
+    b = load_model(models["sd1"])
+    st = Settings(steps=3, sampler="euler", scheduler="karras", cfg=4.0)
+    ref = pipelines.txt2img(b, ["a dot"], ["blur"], [77], 16, 24, st)
+    assert np.abs(pixels("r.png").astype(int) - np.asarray(to_pil(ref[0])).astype(int)).max() <= 1
+
+
 def test_recipe_regenerates_bit_exactly(models):
     r = cli(
         "txt2img",

@@ -86,6 +86,8 @@ def test_generators_of_every_source_feed_the_samplers():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="--rng cuda"):
             make_generator(1, "cuda")
+        with pytest.raises(ConfigError, match="--rng cuda"):
+            Settings(rng="cuda").check()  # refused before any work, not per image
     with pytest.raises(ConfigError, match="--rng"):
         make_generator(1, "mt19937")
 

@@ -12,7 +12,7 @@ import torch
 
 from latentgen.denoiser import SAMPLER_NAMES, DiscreteSchedule, get_sigmas, make_betas
 from latentgen.errors import ConfigError
-from latentgen.infotext import a1111_sampler_label, png_text, sampler_from_a1111
+from latentgen.infotext import a1111_sampler_label, parse_parameters, png_text, sampler_from_a1111
 from latentgen.pipelines import Settings
 from latentgen.samplers import SAMPLERS
 from latentgen.schedulers import AYS_LEVELS, SCHEDULERS, default_scheduler
@@ -148,3 +148,75 @@ def test_a1111_names_round_trip_through_the_infotext():
         sampler_from_a1111("Magic")
     with pytest.raises(ConfigError, match="schedule type"):
         sampler_from_a1111("Euler", "Zigzag")
+
+
+A1111_TEXT = """a castle on a hill, sunset
+with fog
+Negative prompt: blurry, lowres
+Steps: 30, Sampler: DPM++ 2M SDE, Schedule type: Exponential, CFG scale: 6.5, Seed: 1234, Size: 512x768, \
+Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Variation seed: 99, Variation seed strength: 0.3, \
+Denoising strength: 0.55, Hires upscale: 1.5, Hires steps: 12, Hires upscaler: Latent (bicubic), \
+Hires prompt: "a castle, detailed", ENSD: 31337, Version: v1.10.1"""
+
+
+def test_a1111_parameters_read():
+    rec = parse_parameters(A1111_TEXT)
+    assert rec["prompt"] == "a castle on a hill, sunset\nwith fog" and rec["negative"] == "blurry, lowres"
+    assert (rec["sampler"], rec["scheduler"], rec["steps"], rec["cfg"], rec["seed"]) == (
+        "dpmpp_2m_sde",
+        "exponential",
+        30,
+        6.5,
+        1234,
+    )
+    assert (rec["width"], rec["height"], rec["subseed"], rec["subseed_strength"], rec["ensd"]) == (
+        512,
+        768,
+        99,
+        0.3,
+        31337,
+    )
+    assert rec["rng"] == "nv"  # no RNG field: A1111's GPU noise, which NV reproduces on any device
+    assert rec["hires"] == {
+        "scale": 1.5,
+        "steps": 12,
+        "strength": 0.55,
+        "upscaler": "latent-bicubic",
+        "sampler": None,
+        "prompt": "a castle, detailed",
+    }
+    assert parse_parameters("just a prompt") == {"prompt": "just a prompt", "negative": "", "rng": "nv"}
+    with pytest.raises(ConfigError, match="hires upscaler"):
+        parse_parameters("p\nSteps: 2, Sampler: Euler, Seed: 1, Hires upscale: 2, Hires upscaler: R-ESRGAN 4x+")
+
+
+def test_parameters_round_trip():
+    meta = {
+        "task": "txt2img",
+        "prompt": "a dot, red",
+        "negative": "blue",
+        "steps": 7,
+        "sampler": "dpm2_a",
+        "scheduler": "beta",
+        "cfg": 5.0,
+        "seed": 42,
+        "width": 64,
+        "height": 96,
+        "subseed": 5,
+        "subseed_strength": 0.5,
+        "ensd": 7,
+        "rng": "cpu",
+        "hires": {
+            "scale": 2.0,
+            "steps": 3,
+            "strength": 0.6,
+            "upscaler": "lanczos",
+            "sampler": "euler",
+            "prompt": "a, b",
+        },
+    }
+    rec = parse_parameters(png_text(meta)["parameters"])
+    assert rec["rng"] == "nv"  # latentgen writes no RNG for its cpu default; A1111 would read it as GPU
+    assert {k: rec[k] for k in meta if k not in ("task", "rng")} == {
+        k: v for k, v in meta.items() if k not in ("task", "rng")
+    }

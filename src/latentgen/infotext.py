@@ -8,6 +8,7 @@ schedulers.SCHEDULER_LABELS): "DPM++ 2M Karras" (the name A1111 wrote before 1.9
 from __future__ import annotations
 
 import json
+import re
 
 from .errors import ConfigError
 
@@ -117,6 +118,11 @@ def png_text(meta: dict) -> dict[str, str]:
     return {"parameters": "\n".join(lines), "latentgen": json.dumps(meta)}
 
 
+def _quote(text: str) -> str:
+    """A1111's quoting of a field value that holds a separator."""
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
 def _hires_fields(h: dict) -> list[str]:
     """A1111's hires-fix keys (its "Size" stays the first pass's)."""
     fields = [f"Denoising strength: {h['strength']}", f"Hires upscale: {h['scale']:g}"]
@@ -126,5 +132,68 @@ def _hires_fields(h: dict) -> list[str]:
     if h.get("sampler"):
         fields.append(f"Hires sampler: {a1111_sampler_label(h['sampler'])}")
     if h.get("prompt"):
-        fields.append(f"Hires prompt: {h['prompt']}")
+        fields.append(f"Hires prompt: {_quote(h['prompt'])}")
     return fields
+
+
+_PARAM = re.compile(r'\s*([\w][\w \-/+()]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+_RNG_NAMES = {"nv": "nv", "gpu": "nv", "cpu": "cpu"}  # A1111 GPU noise: NV gives it on any device
+
+
+def _fields(line: str) -> dict[str, str]:
+    found = {}
+    for key, value in _PARAM.findall(line):
+        if value.startswith('"') and value.endswith('"') and len(value) > 1:
+            value = json.loads(value)
+        found[key.strip()] = value.strip()
+    return found
+
+
+def parse_parameters(text: str) -> dict:
+    """A recipe (the keys png_text's meta uses) from an A1111 `parameters` text, as A1111 writes and reads it:
+    the prompt, an optional "Negative prompt:" part, and a last line of "Key: value" fields. A1111's default
+    noise source, the GPU, becomes `nv`, which gives the same noise on any device."""
+    lines = text.strip().split("\n")
+    fields = _fields(lines[-1]) if len(_fields(lines[-1])) >= 3 else {}
+    body = lines[:-1] if fields else lines
+    prompt, negative, in_negative = [], [], False
+    for line in body:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:") :].strip()
+        (negative if in_negative else prompt).append(line)
+    rec: dict = {"prompt": "\n".join(prompt), "negative": "\n".join(negative)}
+    try:
+        if "Sampler" in fields:
+            rec["sampler"], rec["scheduler"] = sampler_from_a1111(fields["Sampler"], fields.get("Schedule type"))
+        for key, name, kind in (("Steps", "steps", int), ("CFG scale", "cfg", float), ("Seed", "seed", int)):
+            if key in fields:
+                rec[name] = kind(fields[key])
+        if "Size" in fields:
+            rec["width"], rec["height"] = (int(v) for v in fields["Size"].lower().split("x"))
+        if "Variation seed" in fields:
+            rec["subseed"] = int(fields["Variation seed"])
+            rec["subseed_strength"] = float(fields.get("Variation seed strength", 0))
+        if "ENSD" in fields:
+            rec["ensd"] = int(fields["ENSD"])
+        rec["rng"] = _RNG_NAMES.get(fields.get("RNG", "GPU").lower(), "nv")
+        if "Hires upscale" in fields:
+            rec["hires"] = _hires_from(fields)
+    except ValueError as e:
+        raise ConfigError(f"A1111 parameters: a field does not parse ({e})") from e
+    return rec
+
+
+def _hires_from(fields: dict[str, str]) -> dict:
+    labels = {v.lower(): k for k, v in HIRES_UPSCALERS.items()}
+    label = fields.get("Hires upscaler", "Latent").lower()
+    if label not in labels:
+        raise ConfigError(f"A1111 hires upscaler '{fields['Hires upscaler']}' is not available here; use one of "
+                          f"{', '.join(HIRES_UPSCALERS.values())}")  # fmt: skip
+    return {
+        "scale": float(fields["Hires upscale"]),
+        "steps": int(fields["Hires steps"]) if fields.get("Hires steps") else None,
+        "strength": float(fields.get("Denoising strength", 0.7)),
+        "upscaler": labels[label],
+        "sampler": sampler_from_a1111(fields["Hires sampler"])[0] if fields.get("Hires sampler") else None,
+        "prompt": fields.get("Hires prompt") or None,
+    }

@@ -33,7 +33,7 @@ from .denoiser import (
 from .errors import ConfigError, InputError
 from .loading.bundle import ModelBundle, make_low_scale_schedule
 from .memory import check_fits
-from .noise import RNGS, make_generator, slerp
+from .noise import make_generator, slerp
 from .samplers import get_sampler, randn
 from .schedulers import check_scheduler, default_scheduler
 
@@ -76,8 +76,7 @@ class Settings:
         validation.check({k: getattr(self, k) for k in fields}, where)
         get_sampler(self.sampler)  # latentgen's own name here: the CLI has mapped A1111's
         check_scheduler(self.schedule_name)
-        if self.rng not in RNGS:
-            raise ConfigError(f"unknown --rng '{self.rng}'; choose one of {', '.join(RNGS)}")
+        make_generator(0, self.rng)  # an unknown source, or cuda without a GPU: one line naming --rng
         if not 0.0 <= self.subseed_strength <= 1.0:
             raise ConfigError(f"--subseed-strength must be in [0, 1], not {self.subseed_strength}")
 

@@ -15,6 +15,11 @@ def _recipe(path: Optional[str]) -> dict:
     from ..images import read_png_text
 
     text = read_png_text(path)
+    if "latentgen" not in text and "parameters" in text:  # an A1111 (or ComfyUI-exported) image
+        from ..infotext import parse_parameters
+        from ..validation import check
+
+        return check(parse_parameters(text["parameters"]), f"{path}: parameters")
     if "latentgen" not in text:
         raise InputError(f"{path}: has no latentgen recipe (it was not made by latentgen)")
     try:
