@@ -28,6 +28,7 @@ ITEM_KEYS = {
     "num",
     "strength",
     "class",
+    "loras",
 }
 
 

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from ..errors import ConfigError, InputError
+from .adapters import ClipSkipOpt, EmbeddingOpt, EmphasisOpt, LoraDirOpt, LoraOpt, PromptAdapters, VaeOpt
 from .app import command, note
 from .batch import base_seed, check_options, run_generation
 from .options import (
@@ -88,6 +89,12 @@ def txt2img(
     ensd: Optional[int] = typer.Option(
         None, "--eta-noise-seed-delta", help="A1111's ENSD: step noise of ancestral/SDE samplers from seed + N."
     ),
+    lora: Optional[list[str]] = LoraOpt,
+    lora_dir: Optional[list[str]] = LoraDirOpt,
+    embedding: Optional[list[str]] = EmbeddingOpt,
+    clip_skip: Optional[int] = ClipSkipOpt,
+    emphasis: Optional[str] = EmphasisOpt,
+    vae: Optional[str] = VaeOpt,
 ) -> None:
     """Generate images from text (or class labels, or nothing for unconditional models)."""
     rec = _recipe(recipe)
@@ -98,6 +105,9 @@ def txt2img(
         negative = rec.get("negative", "") if negative is None else negative
         class_label = rec.get("class") if class_label is None else class_label
         seed, model, dtype, prediction, ema = _recipe_run(rec, seed, model, dtype, prediction, ema)
+        if rec.get("a1111"):
+            skipped = "; ".join(rec["unhonoured"]) or "nothing"
+            note(f"{recipe}: an A1111 image; not honoured: {skipped} (the model is --model's)", quiet)
     check_options(
         steps=steps,
         sampler=sampler,
@@ -135,6 +145,7 @@ def txt2img(
     w0, h0 = sess.size(width, height, rec)
     pipelines.check_size(sess.bundle, w0, h0)
     pipelines.guard_memory(sess.bundle, num, w0, h0, defaults)
+    extras = PromptAdapters(sess, lora, lora_dir, embedding, clip_skip, emphasis, vae, recipe=rec)
     base = base_seed(seed, quiet)
 
     def make(item, seeds):
@@ -152,18 +163,21 @@ def txt2img(
         w, h = int(item.get("width", w0)), int(item.get("height", h0))
         text = item.get("prompt", "")
         neg = item.get("negative", negative or "")
-        conds = [item.get("class", class_label)] * len(seeds) if kind == "class" else [text] * len(seeds)
+        plain, plain_neg, adapter_meta = extras.apply(item, st, text, neg)
+        conds = [item.get("class", class_label)] * len(seeds) if kind == "class" else [plain] * len(seeds)
         if kind == "class" and conds[0] is None:
             raise ConfigError('this model is class-conditional: give the item a "class" or pass --class N')
         total = st.steps + (int(hires_fix.second_pass(st).steps * hires_fix.strength) if hires_fix else 0)
         bar = sess.progress(total, text[:40] or "txt2img")
         try:
             if hires_fix is None:
-                imgs = pipelines.txt2img(sess.bundle, conds, [neg] * len(seeds), seeds, w, h, st, callback=bar)
+                imgs = pipelines.txt2img(sess.bundle, conds, [plain_neg] * len(seeds), seeds, w, h, st, callback=bar)
             else:
                 from ..hires import txt2img_hires
 
-                imgs = txt2img_hires(sess.bundle, conds, [neg] * len(seeds), seeds, w, h, st, hires_fix, callback=bar)
+                imgs = txt2img_hires(
+                    sess.bundle, conds, [plain_neg] * len(seeds), seeds, w, h, st, hires_fix, callback=bar
+                )
         finally:
             bar.close()
         meta = {
@@ -182,6 +196,7 @@ def txt2img(
             "prediction": sess.bundle.config.prediction,
             "model_path": sess.model_path,
             "ema": ema,
+            **adapter_meta,
         }
         if kind == "class":
             meta["class"] = conds[0]
@@ -268,6 +283,12 @@ def img2img(
     config: Optional[str] = ConfigOpt,
     ema: bool = EmaOpt,
     low_memory: Optional[bool] = LowMemOpt,
+    lora: Optional[list[str]] = LoraOpt,
+    lora_dir: Optional[list[str]] = LoraDirOpt,
+    embedding: Optional[list[str]] = EmbeddingOpt,
+    clip_skip: Optional[int] = ClipSkipOpt,
+    emphasis: Optional[str] = EmphasisOpt,
+    vae: Optional[str] = VaeOpt,
 ) -> None:
     """Change an image towards a prompt (SDEdit: encode, noise to the strength's σ, denoise the tail)."""
     check_options(
@@ -295,6 +316,7 @@ def img2img(
     sess.check_outputs(items, num)
     defaults = sess.settings(steps, sampler, karras, spacing, cfg, eta, strength, scheduler=scheduler)
     pipelines.guard_memory(sess.bundle, num, init.shape[-1], init.shape[-2], defaults)
+    extras = PromptAdapters(sess, lora, lora_dir, embedding, clip_skip, emphasis, vae)
     base = base_seed(seed, quiet)
 
     def make(item, seeds):
@@ -309,13 +331,14 @@ def img2img(
             scheduler=item.get("scheduler", defaults.scheduler),
         )
         text, neg = item.get("prompt", ""), item.get("negative", negative or "")
+        plain, plain_neg, adapter_meta = extras.apply(item, st, text, neg)
         bar = sess.progress(st.steps, text[:40] or "img2img")
         try:
             imgs = pipelines.img2img(
                 sess.bundle,
                 init.expand(len(seeds), -1, -1, -1),
-                [text] * len(seeds),
-                [neg] * len(seeds),
+                [plain] * len(seeds),
+                [plain_neg] * len(seeds),
                 seeds,
                 st,
                 callback=bar,
@@ -339,6 +362,7 @@ def img2img(
             "init_image": image,
             "prediction": sess.bundle.config.prediction,
             "model_path": sess.model_path,
+            **adapter_meta,
         }
 
     run_generation(sess, items, base, num, make, {})
@@ -375,6 +399,12 @@ def inpaint(
     config: Optional[str] = ConfigOpt,
     ema: bool = EmaOpt,
     low_memory: Optional[bool] = LowMemOpt,
+    lora: Optional[list[str]] = LoraOpt,
+    lora_dir: Optional[list[str]] = LoraDirOpt,
+    embedding: Optional[list[str]] = EmbeddingOpt,
+    clip_skip: Optional[int] = ClipSkipOpt,
+    emphasis: Optional[str] = EmphasisOpt,
+    vae: Optional[str] = VaeOpt,
 ) -> None:
     """Repaint the white part of a mask (or the border added by --extend)."""
     import torch
@@ -426,6 +456,7 @@ def inpaint(
     sess.check_outputs(items, num)
     defaults = sess.settings(steps, sampler, karras, spacing, cfg, eta, strength, scheduler=scheduler)
     pipelines.guard_memory(sess.bundle, num, init.shape[-1], init.shape[-2], defaults)
+    extras = PromptAdapters(sess, lora, lora_dir, embedding, clip_skip, emphasis, vae)
     base = base_seed(seed, quiet)
 
     def make(item, seeds):
@@ -440,6 +471,7 @@ def inpaint(
             scheduler=item.get("scheduler", defaults.scheduler),
         )
         text, neg = item.get("prompt", ""), item.get("negative", negative or "")
+        plain, plain_neg, adapter_meta = extras.apply(item, st, text, neg)
         n = len(seeds)
         bar = sess.progress(st.steps, text[:40] or "inpaint")
         try:
@@ -447,8 +479,8 @@ def inpaint(
                 sess.bundle,
                 init.expand(n, -1, -1, -1),
                 m.expand(n, -1, -1, -1),
-                [text] * n,
-                [neg] * n,
+                [plain] * n,
+                [plain_neg] * n,
                 seeds,
                 st,
                 callback=bar,
@@ -475,6 +507,7 @@ def inpaint(
             "extend": extend,
             "prediction": sess.bundle.config.prediction,
             "model_path": sess.model_path,
+            **adapter_meta,
         }
 
     run_generation(sess, items, base, num, make, {})
