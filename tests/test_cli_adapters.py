@@ -341,3 +341,35 @@ def test_emphasis_names_round_trip_through_a1111_text():
         assert field == f"Emphasis: {a1111}"
         rec, skipped = parse_parameters(f"x\nSteps: 2, Seed: 1, {field}, Size: 16x16")
         assert rec["emphasis"] == ours and not skipped
+
+
+def test_parse_a1111_parameters_hand_worked():
+    from latentgen.infotext import parse_parameters
+
+    text = (
+        "masterpiece, (a cat:1.2) <lora:style:0.8>\non a mat\nNegative prompt: blurry,\nlowres\n"
+        "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1234, Size: 512x768, "
+        "Model hash: abcdef1234, Model: v1-5, Variation seed: 99, Variation seed strength: 0.3, ENSD: 31337, "
+        "RNG: NV, Denoising strength: 0.55, Hires upscale: 2, Hires steps: 10, Hires upscaler: Latent (bicubic), "
+        'Clip skip: 2, Emphasis: No norm, Lora hashes: "style: 0123456789ab, other: ba9876543210", '
+        "Face restoration: CodeFormer, Version: v1.9.0"
+    )
+    rec, skipped = parse_parameters(text)
+    assert rec["prompt"] == "masterpiece, (a cat:1.2) <lora:style:0.8>\non a mat"
+    assert rec["negative"] == "blurry,\nlowres"
+    assert (rec["steps"], rec["sampler"], rec["scheduler"], rec["cfg"], rec["seed"]) == (
+        20,
+        "dpmpp_2m",
+        "karras",
+        7.0,
+        1234,
+    )
+    assert (rec["width"], rec["height"], rec["clip_skip"], rec["emphasis"]) == (512, 768, 2, "no-norm")
+    assert (rec["subseed"], rec["subseed_strength"], rec["ensd"], rec["rng"]) == (99, 0.3, 31337, "nv")
+    assert rec["hires"] == dict(
+        scale=2.0, strength=0.55, upscaler="latent-bicubic", steps=10, sampler=None, prompt=None
+    )
+    assert rec["lora_hashes"] == {"style": "0123456789ab", "other": "ba9876543210"}
+    assert skipped == ["Face restoration: CodeFormer"]
+    rec, _ = parse_parameters("just a prompt")
+    assert rec == {"prompt": "just a prompt", "negative": ""}
