@@ -373,3 +373,15 @@ def test_parse_a1111_parameters_hand_worked():
     assert skipped == ["Face restoration: CodeFormer"]
     rec, _ = parse_parameters("just a prompt")
     assert rec == {"prompt": "just a prompt", "negative": ""}
+
+
+def test_hires_prompt_tags_are_removed(sd1, tmp_path):
+    (tmp_path / "loras").mkdir()
+    make_lora(load_model(sd1), tmp_path / "loras" / "style.safetensors", 9)
+    common = ("a boat <lora:style:1>", "--model", sd1, *BASE, "--seed", 5, "--hires", 2, "--hires-steps", 2)
+    common += ("--lora-dir", tmp_path / "loras")
+    r = cli("txt2img", *common, "--hires-prompt", "a red boat <lora:style:1>", "--out", "t.png")
+    assert r.exit_code == 0, r.stderr
+    r = cli("txt2img", *common, "--hires-prompt", "a red boat ", "--out", "p.png")
+    assert r.exit_code == 0, r.stderr
+    assert np.array_equal(pixels("t.png"), pixels("p.png"))

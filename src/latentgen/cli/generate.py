@@ -174,10 +174,12 @@ def txt2img(
                 imgs = pipelines.txt2img(sess.bundle, conds, [plain_neg] * len(seeds), seeds, w, h, st, callback=bar)
             else:
                 from ..hires import txt2img_hires
+                from ..text.prompts import extract_lora_tags
 
-                imgs = txt2img_hires(
-                    sess.bundle, conds, [plain_neg] * len(seeds), seeds, w, h, st, hires_fix, callback=bar
-                )
+                hf = hires_fix  # the second pass runs on the same LoRAs: tags in --hires-prompt are only removed
+                if hf.prompt:
+                    hf = replace(hf, prompt=extract_lora_tags(hf.prompt)[0])
+                imgs = txt2img_hires(sess.bundle, conds, [plain_neg] * len(seeds), seeds, w, h, st, hf, callback=bar)
         finally:
             bar.close()
         meta = {
