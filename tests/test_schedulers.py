@@ -160,7 +160,8 @@ Hires prompt: "a castle, detailed", ENSD: 31337, Version: v1.10.1"""
 
 
 def test_a1111_parameters_read():
-    rec = parse_parameters(A1111_TEXT)
+    rec, skipped = parse_parameters(A1111_TEXT)
+    assert skipped == []
     assert rec["prompt"] == "a castle on a hill, sunset\nwith fog" and rec["negative"] == "blurry, lowres"
     assert (rec["sampler"], rec["scheduler"], rec["steps"], rec["cfg"], rec["seed"]) == (
         "dpmpp_2m_sde",
@@ -185,9 +186,11 @@ def test_a1111_parameters_read():
         "sampler": None,
         "prompt": "a castle, detailed",
     }
-    assert parse_parameters("just a prompt") == {"prompt": "just a prompt", "negative": "", "rng": "nv"}
-    with pytest.raises(ConfigError, match="hires upscaler"):
-        parse_parameters("p\nSteps: 2, Sampler: Euler, Seed: 1, Hires upscale: 2, Hires upscaler: R-ESRGAN 4x+")
+    assert parse_parameters("just a prompt") == ({"prompt": "just a prompt", "negative": "", "rng": "nv"}, [])
+    rec, skipped = parse_parameters(
+        "p\nSteps: 2, Sampler: Euler, Seed: 1, Hires upscale: 2, Hires upscaler: R-ESRGAN 4x+"
+    )
+    assert "hires" not in rec and skipped == ["Hires upscale: 2"]  # an upscaler we do not have: not honoured
 
 
 def test_parameters_round_trip():
@@ -215,7 +218,8 @@ def test_parameters_round_trip():
             "prompt": "a, b",
         },
     }
-    rec = parse_parameters(png_text(meta)["parameters"])
+    rec, skipped = parse_parameters(png_text(meta)["parameters"])
+    assert skipped == []
     assert rec["rng"] == "nv"  # latentgen writes no RNG for its cpu default; A1111 would read it as GPU
     assert {k: rec[k] for k in meta if k not in ("task", "rng")} == {
         k: v for k, v in meta.items() if k not in ("task", "rng")

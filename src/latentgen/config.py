@@ -104,7 +104,7 @@ BUILTIN_DEFAULTS = {"default": "builtin:default-txt2img", "default_superres": "b
 def load_registry() -> dict:
     """Merge every models.toml found: {"default": name, "default_superres": name, "models": {name: entry}}.
     Without a registry default, the models shipped inside the package are the defaults."""
-    reg: dict = {"default": None, "default_superres": None, "models": {}}
+    reg: dict = {"default": None, "default_superres": None, "models": {}, "lora_dirs": [], "embedding_dirs": []}
     for path in registry_paths():
         if not path.is_file():
             continue
@@ -115,6 +115,10 @@ def load_registry() -> dict:
         for key in ("default", "default_superres"):
             if key in data:
                 reg[key] = data[key]
+        for key in ("lora_dirs", "embedding_dirs"):  # folders searched for <lora:NAME> tags and --embedding NAME
+            for d in data.get(key, []):
+                p = Path(os.path.expanduser(str(d)))
+                reg[key].append(str(p if p.is_absolute() else path.parent / p))
         for name, entry in data.get("models", {}).items():
             entry = dict(entry)
             if "path" in entry and not str(entry["path"]).startswith(BUILTIN_PREFIX):

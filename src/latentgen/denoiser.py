@@ -335,15 +335,19 @@ class CFGDenoiser:
 
     D_guided = D_u + s·(D_c - D_u). D is affine in the network output with coefficients that depend only
     on (x, σ), so guiding D is exactly guiding ε or v. With no uncond or s == 1 the network runs once on
-    cond; otherwise cond and uncond run as one batch of 2B.
+    cond; otherwise cond and uncond run as one batch of 2B, or as two calls when their contexts differ in length
+    (a prompt and a negative of different chunk counts: A1111 runs them apart rather than padding the shorter).
     """
 
     def __init__(self, denoiser: Denoiser):
         self.denoiser = denoiser
 
     def _both(self, x, sigma, cond: dict, uncond: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(D_u, D_c) from one network pass over the batch of 2B."""
+        """(D_u, D_c) from one network pass over the batch of 2B, or two passes when the contexts differ in length."""
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
+        c, u = cond.get("context"), uncond.get("context")
+        if c is not None and u is not None and c.shape[1:] != u.shape[1:]:
+            return self.denoiser(x, sigma, **uncond), self.denoiser(x, sigma, **cond)
         both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **_cat_conditions(uncond, cond))
         d_uncond, d_cond = both.chunk(2)
         return d_uncond, d_cond

@@ -171,15 +171,20 @@ def slugify(text: str, max_len: int = 60) -> str:
 
 
 def file_hash(path: str | Path) -> str:
-    """A1111's model hash: the first 10 hex digits of the file's SHA-256 (a folder: of its weight files).
-    Cached by (path, size, mtime) in ~/.cache/latentgen/hashes.json so big files are read once."""
+    """A1111's model hash: the first 10 hex digits of the file's SHA-256 (a folder: of its weight files)."""
+    return file_sha256(path)[:10]
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file (a folder: of its weight files, in name order), cached by (path, size, mtime) in
+    ~/.cache/latentgen/hashes.json so big files are read once."""
     import hashlib
     import json
     import os
 
     p = Path(path)
     files = sorted(p.rglob("*.safetensors")) if p.is_dir() else [p]
-    key = "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    key = "sha256|" + "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "latentgen" / "hashes.json"
     try:
         known = json.loads(cache.read_text())
@@ -192,7 +197,7 @@ def file_hash(path: str | Path) -> str:
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 24), b""):
                 h.update(chunk)
-    digest = h.hexdigest()[:10]
+    digest = h.hexdigest()
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         known[key] = digest

@@ -114,6 +114,7 @@ def png_text(meta: dict) -> dict[str, str]:
         fields.append(f"RNG: {'NV' if meta['rng'] == 'nv' else 'GPU'}")
     if meta.get("hires"):
         fields += _hires_fields(meta["hires"])
+    fields += adapter_fields(meta)
     lines.append(", ".join(fields))
     return {"parameters": "\n".join(lines), "latentgen": json.dumps(meta)}
 
@@ -136,64 +137,105 @@ def _hires_fields(h: dict) -> list[str]:
     return fields
 
 
-_PARAM = re.compile(r'\s*([\w][\w \-/+()]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
-_RNG_NAMES = {"nv": "nv", "gpu": "nv", "cpu": "cpu"}  # A1111 GPU noise: NV gives it on any device
+EMPHASIS_NAMES = {"original": "Original", "no-norm": "No norm", "none": "Ignore", "literal": "None"}  # A1111's
+
+
+def adapter_fields(meta: dict) -> list[str]:
+    """A1111's keys for clip skip, emphasis (only when not the default), LoRAs and embeddings (12-hex short
+    sha256, as A1111's "Lora hashes" / "TI hashes") and the VAE (10-hex, as "VAE hash")."""
+    out = []
+    if meta.get("clip_skip", 1) > 1:
+        out.append(f"Clip skip: {meta['clip_skip']}")
+    if meta.get("emphasis", "original") != "original":
+        out.append(f"Emphasis: {EMPHASIS_NAMES.get(meta['emphasis'], meta['emphasis'])}")
+    if meta.get("vae"):
+        out += [f"VAE hash: {meta['vae']['sha256'][:10]}", f"VAE: {meta['vae']['name']}"]
+    for key, label in (("loras", "Lora hashes"), ("embeddings", "TI hashes")):
+        if meta.get(key):
+            joined = ", ".join(f"{e['name']}: {e['sha256'][:12]}" for e in meta[key])
+            out.append(f'{label}: "{joined}"')
+    return out
+
+
+# ------------------------------------------------------------------------------------ reading A1111's text
+
+_FIELD = re.compile(r'\s*([\w][\w \-/+()]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+_RNG_NAMES = {"nv": "nv", "gpu": "nv", "cpu": "cpu"}  # A1111's GPU noise: NV gives it on any device
 
 
 def _fields(line: str) -> dict[str, str]:
+    """The "Key: value" fields of A1111's last line; quoted values (JSON strings) unquoted."""
     found = {}
-    for key, value in _PARAM.findall(line):
+    for key, value in _FIELD.findall(line):
+        value = value.strip()
         if value.startswith('"') and value.endswith('"') and len(value) > 1:
             value = json.loads(value)
-        found[key.strip()] = value.strip()
+        found[key.strip()] = value
     return found
 
 
-def parse_parameters(text: str) -> dict:
-    """A recipe (the keys png_text's meta uses) from an A1111 `parameters` text, as A1111 writes and reads it:
-    the prompt, an optional "Negative prompt:" part, and a last line of "Key: value" fields. A1111's default
-    noise source, the GPU, becomes `nv`, which gives the same noise on any device."""
+# Keys read for what they name elsewhere (the files come from the command line; "Schedule type" with "Sampler");
+# any key parse_parameters neither reads nor lists here is reported as not honoured.
+_IGNORED = {"Model hash", "Model", "TI hashes", "Version", "Schedule type", "Hires upscaler", "Hires steps"}
+_IGNORED |= {"Hires sampler", "Hires prompt", "Denoising strength"}  # read with "Hires upscale"
+
+
+def parse_parameters(text: str) -> tuple[dict, list[str]]:
+    """A1111's ``parameters`` text → (a latentgen recipe: prompt, negative, steps, sampler, karras, cfg, seed,
+    width, height, clip_skip, emphasis, ...; what could not be honoured). LoRA tags stay in the prompt. A1111's
+    default noise source, the GPU, becomes `nv`, which gives the same noise on any device."""
     lines = text.strip().split("\n")
-    fields = _fields(lines[-1]) if len(_fields(lines[-1])) >= 3 else {}
-    body = lines[:-1] if fields else lines
+    fields: dict[str, str] = {}
+    if lines and len(_FIELD.findall(lines[-1])) >= 3:
+        fields = _fields(lines.pop())
     prompt, negative, in_negative = [], [], False
-    for line in body:
+    for line in lines:
         if line.startswith("Negative prompt:"):
             in_negative, line = True, line[len("Negative prompt:") :].strip()
         (negative if in_negative else prompt).append(line)
-    rec: dict = {"prompt": "\n".join(prompt), "negative": "\n".join(negative)}
-    try:
-        if "Sampler" in fields:
-            rec["sampler"], rec["scheduler"] = sampler_from_a1111(fields["Sampler"], fields.get("Schedule type"))
-        for key, name, kind in (("Steps", "steps", int), ("CFG scale", "cfg", float), ("Seed", "seed", int)):
-            if key in fields:
-                rec[name] = kind(fields[key])
-        if "Size" in fields:
-            rec["width"], rec["height"] = (int(v) for v in fields["Size"].lower().split("x"))
-        if "Variation seed" in fields:
-            rec["subseed"] = int(fields["Variation seed"])
-            rec["subseed_strength"] = float(fields.get("Variation seed strength", 0))
-        if "ENSD" in fields:
-            rec["ensd"] = int(fields["ENSD"])
-        rec["rng"] = _RNG_NAMES.get(fields.get("RNG", "GPU").lower(), "nv")
-        if "Hires upscale" in fields:
-            rec["hires"] = _hires_from(fields)
-    except ValueError as e:
-        raise ConfigError(f"A1111 parameters: a field does not parse ({e})") from e
-    return rec
-
-
-def _hires_from(fields: dict[str, str]) -> dict:
-    labels = {v.lower(): k for k, v in HIRES_UPSCALERS.items()}
-    label = fields.get("Hires upscaler", "Latent").lower()
-    if label not in labels:
-        raise ConfigError(f"A1111 hires upscaler '{fields['Hires upscaler']}' is not available here; use one of "
-                          f"{', '.join(HIRES_UPSCALERS.values())}")  # fmt: skip
-    return {
-        "scale": float(fields["Hires upscale"]),
-        "steps": int(fields["Hires steps"]) if fields.get("Hires steps") else None,
-        "strength": float(fields.get("Denoising strength", 0.7)),
-        "upscaler": labels[label],
-        "sampler": sampler_from_a1111(fields["Hires sampler"])[0] if fields.get("Hires sampler") else None,
-        "prompt": fields.get("Hires prompt") or None,
-    }
+    rec: dict = {"prompt": "\n".join(prompt).strip(), "negative": "\n".join(negative).strip(), "rng": "nv"}
+    skipped = []
+    for key, value in fields.items():
+        try:
+            if key == "Steps":
+                rec["steps"] = int(value)
+            elif key == "CFG scale":
+                rec["cfg"] = float(value)
+            elif key == "Seed":
+                rec["seed"] = int(value)
+            elif key == "Size":
+                rec["width"], rec["height"] = (int(v) for v in value.lower().split("x"))
+            elif key == "Clip skip":
+                rec["clip_skip"] = int(value)
+            elif key == "Emphasis":
+                names = {v.lower(): k for k, v in EMPHASIS_NAMES.items()}
+                rec["emphasis"] = names[value.lower()]
+            elif key == "Sampler":
+                rec["sampler"], schedule = sampler_from_a1111(value, fields.get("Schedule type"))
+                if schedule is not None:
+                    rec["scheduler"] = schedule
+            elif key == "Variation seed":
+                rec["subseed"] = int(value)
+            elif key == "Variation seed strength":
+                rec["subseed_strength"] = float(value)
+            elif key == "ENSD":
+                rec["ensd"] = int(value)
+            elif key == "RNG":
+                rec["rng"] = _RNG_NAMES[value.lower()]
+            elif key == "Hires upscale":
+                hires = dict(scale=float(value), strength=float(fields.get("Denoising strength", 0.7)))
+                upscalers = {v.lower(): k for k, v in HIRES_UPSCALERS.items()}
+                hires["upscaler"] = upscalers[fields.get("Hires upscaler", "Latent").lower()]
+                steps, sampler = fields.get("Hires steps"), fields.get("Hires sampler")
+                hires["steps"] = int(steps) if steps else None
+                hires["sampler"] = sampler_from_a1111(sampler)[0] if sampler else None
+                hires["prompt"] = fields.get("Hires prompt") or None
+                rec["hires"] = hires
+            elif key == "Lora hashes":  # "name: hash, ...": the LoRAs found by name are checked against them
+                pairs = (p.split(":", 1) for p in value.split(","))
+                rec["lora_hashes"] = {n.strip(): h.strip() for n, h in pairs}
+            elif key not in _IGNORED:
+                skipped.append(f"{key}: {value}")
+        except (KeyError, ValueError, ConfigError):
+            skipped.append(f"{key}: {value}")
+    return rec, skipped

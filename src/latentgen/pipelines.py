@@ -36,6 +36,8 @@ from .memory import check_fits
 from .noise import make_generator, slerp
 from .samplers import get_sampler, randn
 from .schedulers import check_scheduler, default_scheduler
+from .text import prompts as prompts_mod
+from .text.prompts import check_options as check_prompt_options
 
 
 @dataclass
@@ -48,6 +50,9 @@ class Settings:
     eta: float = 0.0
     strength: float = 0.75  # img2img / inpaint with an ordinary model
     extra: dict = field(default_factory=dict)
+    clip_skip: int = 1  # A1111's "Clip skip" (CLIP text encoders)
+    emphasis: str = "original"  # text.prompts.EMPHASES
+    embeddings: dict = field(default_factory=dict)  # textual-inversion name -> vectors [n, D]
     scheduler: str | None = None  # schedulers.SCHEDULERS; None: the sampler's default (default_scheduler)
     rng: str = "cpu"  # noise.RNGS
     subseed: int | None = None  # A1111 variation seed (image i: subseed + i), blended in at subseed_strength
@@ -79,6 +84,7 @@ class Settings:
         make_generator(0, self.rng)  # an unknown source, or cuda without a GPU: one line naming --rng
         if not 0.0 <= self.subseed_strength <= 1.0:
             raise ConfigError(f"--subseed-strength must be in [0, 1], not {self.subseed_strength}")
+        check_prompt_options(self.clip_skip, self.emphasis)
 
 
 def generators(seeds: list[int], rng: str = "cpu") -> list:
@@ -135,10 +141,13 @@ def _params(bundle: ModelBundle):
 
 
 def encode_prompts(
-    bundle: ModelBundle, prompts: list, negatives: list, cfg: float, sdxl: dict | None = None
+    bundle: ModelBundle, prompts: list, negatives: list, settings: Settings, sdxl: dict | None = None
 ) -> tuple[dict, dict | None]:
     """Conditioning kwargs for the denoiser: cross-attention context (text) or class labels; SDXL also the
-    vector y, from the size / aesthetic conditioning `sdxl` (see `sdxl_conditioning`)."""
+    vector y, from the size / aesthetic conditioning `sdxl` (see `sdxl_conditioning`). CLIP prompts are read as
+    A1111 does (weights, 75-token chunks, BREAK, clip skip, textual inversion: text.prompts); the prompt and
+    the negative are encoded alike, and may end up with different chunk counts."""
+    cfg = settings.cfg
     cond_mod = bundle.cond
     device, dtype = _params(bundle)
     kind = bundle.config.cond.kind
@@ -157,9 +166,20 @@ def encode_prompts(
             raise ConfigError(f"{bundle.config.name} has no null class to guide against: pass --cfg 1")
         null = torch.full_like(labels, cond_mod.null_label)
         return cond, {"context": cond_mod.encode(null).to(dtype)}
+    if kind in ("clip", "open_clip"):
+        if kind == "clip" and settings.clip_skip > cond_mod.cfg.num_hidden_layers:
+            raise ConfigError(
+                f"--clip-skip {settings.clip_skip} exceeds the text encoder's {cond_mod.cfg.num_hidden_layers} layers"
+            )
+        opts = dict(clip_skip=settings.clip_skip, emphasis=settings.emphasis, embeddings=settings.embeddings)
+
+        def enc(texts):
+            return prompts_mod.encode_prompts(cond_mod, list(texts), **opts)
+    else:
+        enc = cond_mod.encode
     with torch.no_grad():
-        ctx = cond_mod.encode(list(prompts)).to(device, dtype)
-        unc = None if cfg == 1.0 else {"context": cond_mod.encode(list(negatives)).to(device, dtype)}
+        ctx = enc(prompts).to(device, dtype)
+        unc = None if cfg == 1.0 else {"context": enc(negatives).to(device, dtype)}
     return {"context": ctx}, unc
 
 
@@ -502,14 +522,14 @@ def txt2img_latent(
     noise, gens = initial_noise(latent_shape(bundle, len(seeds), width, height), seeds, gens, settings, device)
     x = prepare_noise(noise, sigmas, settings.sampler, settings.spacing)
     sdxl = sdxl_conditioning(bundle, settings, width, height)
-    cond, uncond = encode_prompts(bundle, prompts, negatives, settings.cfg, sdxl)
+    cond, uncond = encode_prompts(bundle, prompts, negatives, settings, sdxl)
     if refiner is None:
         x = _sample(bundle, x, sigmas, settings, cond, uncond, gens, callback)
         return to_latent(x, sigmas[-1])
     k = refiner_split(bundle, sigmas, settings, refiner_start)
     x = _sample(bundle, x, sigmas[: k + 1], settings, cond, uncond, gens, callback)
     sdxl = sdxl_conditioning(refiner, settings, width, height)
-    cond, uncond = encode_prompts(refiner, prompts, negatives, settings.cfg, sdxl)
+    cond, uncond = encode_prompts(refiner, prompts, negatives, settings, sdxl)
     x = _sample(refiner, x.to(_params(refiner)[0]), sigmas[k:], settings, cond, uncond, gens, callback)
     return to_latent(x, sigmas[-1])
 
@@ -559,7 +579,7 @@ def img2img_latent(
     x = noise_for_img2img(z0.float(), noise, sigmas[0])
     f = bundle.config.factor
     sdxl = sdxl_conditioning(bundle, settings, z0.shape[-1] * f, z0.shape[-2] * f)
-    cond, uncond = encode_prompts(bundle, prompts, negatives, settings.cfg, sdxl)
+    cond, uncond = encode_prompts(bundle, prompts, negatives, settings, sdxl)
     x = _sample(bundle, x, sigmas, settings, cond, uncond, gens, callback)
     return to_latent(x, sigmas[-1])
 
@@ -589,7 +609,7 @@ def inpaint(
     device, dtype = _params(bundle)
     gens = generators(seeds, settings.rng)
     sdxl = sdxl_conditioning(bundle, settings, images.shape[-1], images.shape[-2])
-    cond, uncond = encode_prompts(bundle, prompts, negatives, settings.cfg, sdxl)
+    cond, uncond = encode_prompts(bundle, prompts, negatives, settings, sdxl)
     sigmas = sigmas_for(bundle, settings)
     n = images.shape[0]
     shape = latent_shape(bundle, n, images.shape[-1], images.shape[-2])
@@ -699,7 +719,7 @@ def superres(
         randn((n, bundle.config.latent_channels, h, w), gens, device), sigmas, settings.sampler, settings.spacing
     )
     p = prompts or [""] * n
-    cond, uncond = encode_prompts(bundle, p, negatives or [""] * n, settings.cfg)
+    cond, uncond = encode_prompts(bundle, p, negatives or [""] * n, settings)
     cond = {**cond, "concat": lowres, **extra}
     if uncond is not None:
         uncond = {**uncond, "concat": lowres, **extra}

@@ -29,6 +29,7 @@ ITEM_KEYS = {
     "num",
     "strength",
     "class",
+    "loras",
 }
 ITEM_KEYS |= set(SDXL_ITEM_KEYS)  # SDXL size / aesthetic conditioning
 

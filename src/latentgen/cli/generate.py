@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from ..errors import ConfigError, InputError
+from .adapters import ClipSkipOpt, EmbeddingOpt, EmphasisOpt, LoraDirOpt, LoraOpt, PromptAdapters, VaeOpt
 from .app import command, note
 from .batch import base_seed, check_options, run_generation
 from .options import (
@@ -108,6 +109,12 @@ def txt2img(
     negative_aesthetic_score: Optional[float] = NegAestheticOpt,
     refiner: Optional[str] = RefinerOpt,
     refiner_start: Optional[float] = RefinerStartOpt,
+    lora: Optional[list[str]] = LoraOpt,
+    lora_dir: Optional[list[str]] = LoraDirOpt,
+    embedding: Optional[list[str]] = EmbeddingOpt,
+    clip_skip: Optional[int] = ClipSkipOpt,
+    emphasis: Optional[str] = EmphasisOpt,
+    vae: Optional[str] = VaeOpt,
 ) -> None:
     """Generate images from text (or class labels, or nothing for unconditional models).
 
@@ -122,6 +129,9 @@ def txt2img(
         negative = rec.get("negative", "") if negative is None else negative
         class_label = rec.get("class") if class_label is None else class_label
         seed, model, dtype, prediction, ema = _recipe_run(rec, seed, model, dtype, prediction, ema)
+        if rec.get("a1111"):
+            skipped = "; ".join(rec["unhonoured"]) or "nothing"
+            note(f"{recipe}: an A1111 image; not honoured: {skipped} (the model is --model's)", quiet)
     check_options(
         steps=steps,
         sampler=sampler,
@@ -171,6 +181,7 @@ def txt2img(
     w0, h0 = sess.size(width, height, rec)
     pipelines.check_size(sess.bundle, w0, h0)
     pipelines.guard_memory(sess.bundle, num, w0, h0, defaults)
+    extras = PromptAdapters(sess, lora, lora_dir, embedding, clip_skip, emphasis, vae, recipe=rec)
     base = base_seed(seed, quiet)
 
     def make(item, seeds):
@@ -189,7 +200,8 @@ def txt2img(
         w, h = int(item.get("width", w0)), int(item.get("height", h0))
         text = item.get("prompt", "")
         neg = item.get("negative", negative or "")
-        conds = [item.get("class", class_label)] * len(seeds) if kind == "class" else [text] * len(seeds)
+        plain, plain_neg, adapter_meta = extras.apply(item, st, text, neg)
+        conds = [item.get("class", class_label)] * len(seeds) if kind == "class" else [plain] * len(seeds)
         if kind == "class" and conds[0] is None:
             raise ConfigError('this model is class-conditional: give the item a "class" or pass --class N')
         total = st.steps + (int(hires_fix.second_pass(st).steps * hires_fix.strength) if hires_fix else 0)
@@ -198,12 +210,16 @@ def txt2img(
             if hires_fix is None:
                 refine = {"refiner": ref_bundle, "refiner_start": ref_start} if ref_bundle is not None else {}
                 imgs = pipelines.txt2img(
-                    sess.bundle, conds, [neg] * len(seeds), seeds, w, h, st, callback=bar, **refine
+                    sess.bundle, conds, [plain_neg] * len(seeds), seeds, w, h, st, callback=bar, **refine
                 )
             else:
                 from ..hires import txt2img_hires
+                from ..text.prompts import extract_lora_tags
 
-                imgs = txt2img_hires(sess.bundle, conds, [neg] * len(seeds), seeds, w, h, st, hires_fix, callback=bar)
+                hf = hires_fix  # the second pass runs on the same LoRAs: tags in --hires-prompt are only removed
+                if hf.prompt:
+                    hf = replace(hf, prompt=extract_lora_tags(hf.prompt)[0])
+                imgs = txt2img_hires(sess.bundle, conds, [plain_neg] * len(seeds), seeds, w, h, st, hf, callback=bar)
         finally:
             bar.close()
         meta = {
@@ -223,6 +239,7 @@ def txt2img(
             "model_path": sess.model_path,
             "ema": ema,
             **sdxl_meta(st, sess.bundle.config),
+            **adapter_meta,
         }
         if ref_bundle is not None:
             meta.update(refiner=ref_bundle.path, refiner_start=ref_start)
@@ -316,6 +333,12 @@ def img2img(
     target_size: Optional[str] = TargetSizeOpt,
     aesthetic_score: Optional[float] = AestheticOpt,
     negative_aesthetic_score: Optional[float] = NegAestheticOpt,
+    lora: Optional[list[str]] = LoraOpt,
+    lora_dir: Optional[list[str]] = LoraDirOpt,
+    embedding: Optional[list[str]] = EmbeddingOpt,
+    clip_skip: Optional[int] = ClipSkipOpt,
+    emphasis: Optional[str] = EmphasisOpt,
+    vae: Optional[str] = VaeOpt,
 ) -> None:
     """Change an image towards a prompt (SDEdit: encode, noise to the strength's σ, denoise the tail).
 
@@ -353,6 +376,7 @@ def img2img(
     defaults = sess.settings(steps, sampler, karras, spacing, cfg, eta, strength, scheduler=scheduler)
     defaults = sdxl_settings(defaults, sess.bundle.config, **sdxl_opts)
     pipelines.guard_memory(sess.bundle, num, init.shape[-1], init.shape[-2], defaults)
+    extras = PromptAdapters(sess, lora, lora_dir, embedding, clip_skip, emphasis, vae)
     base = base_seed(seed, quiet)
 
     def make(item, seeds):
@@ -368,13 +392,14 @@ def img2img(
         )
         st = sdxl_settings(st, sess.bundle.config, **item_sdxl(item, sdxl_opts))
         text, neg = item.get("prompt", ""), item.get("negative", negative or "")
+        plain, plain_neg, adapter_meta = extras.apply(item, st, text, neg)
         bar = sess.progress(st.steps, text[:40] or "img2img")
         try:
             imgs = pipelines.img2img(
                 sess.bundle,
                 init.expand(len(seeds), -1, -1, -1),
-                [text] * len(seeds),
-                [neg] * len(seeds),
+                [plain] * len(seeds),
+                [plain_neg] * len(seeds),
                 seeds,
                 st,
                 callback=bar,
@@ -399,6 +424,7 @@ def img2img(
             "prediction": sess.bundle.config.prediction,
             "model_path": sess.model_path,
             **sdxl_meta(st, sess.bundle.config),
+            **adapter_meta,
         }
 
     run_generation(sess, items, base, num, make, {})
@@ -438,6 +464,12 @@ def inpaint(
     original_size: Optional[str] = OriginalSizeOpt,
     crop: Optional[str] = CropOpt,
     target_size: Optional[str] = TargetSizeOpt,
+    lora: Optional[list[str]] = LoraOpt,
+    lora_dir: Optional[list[str]] = LoraDirOpt,
+    embedding: Optional[list[str]] = EmbeddingOpt,
+    clip_skip: Optional[int] = ClipSkipOpt,
+    emphasis: Optional[str] = EmphasisOpt,
+    vae: Optional[str] = VaeOpt,
 ) -> None:
     """Repaint the white part of a mask (or the border added by --extend)."""
     sdxl_opts = dict(
@@ -497,6 +529,7 @@ def inpaint(
     defaults = sess.settings(steps, sampler, karras, spacing, cfg, eta, strength, scheduler=scheduler)
     defaults = sdxl_settings(defaults, sess.bundle.config, **sdxl_opts)
     pipelines.guard_memory(sess.bundle, num, init.shape[-1], init.shape[-2], defaults)
+    extras = PromptAdapters(sess, lora, lora_dir, embedding, clip_skip, emphasis, vae)
     base = base_seed(seed, quiet)
 
     def make(item, seeds):
@@ -512,6 +545,7 @@ def inpaint(
         )
         st = sdxl_settings(st, sess.bundle.config, **item_sdxl(item, sdxl_opts))
         text, neg = item.get("prompt", ""), item.get("negative", negative or "")
+        plain, plain_neg, adapter_meta = extras.apply(item, st, text, neg)
         n = len(seeds)
         bar = sess.progress(st.steps, text[:40] or "inpaint")
         try:
@@ -519,8 +553,8 @@ def inpaint(
                 sess.bundle,
                 init.expand(n, -1, -1, -1),
                 m.expand(n, -1, -1, -1),
-                [text] * n,
-                [neg] * n,
+                [plain] * n,
+                [plain_neg] * n,
                 seeds,
                 st,
                 callback=bar,
@@ -548,6 +582,7 @@ def inpaint(
             "prediction": sess.bundle.config.prediction,
             "model_path": sess.model_path,
             **sdxl_meta(st, sess.bundle.config),
+            **adapter_meta,
         }
 
     run_generation(sess, items, base, num, make, {})

@@ -4,6 +4,7 @@ leaves an option unset."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Optional
 
 from ..errors import InputError
@@ -15,13 +16,14 @@ def _recipe(path: Optional[str]) -> dict:
     from ..images import read_png_text
 
     text = read_png_text(path)
-    if "latentgen" not in text and "parameters" in text:  # an A1111 (or ComfyUI-exported) image
+    if "latentgen" not in text and "parameters" in text:  # written by A1111 (or a tool that speaks its keys)
         from ..infotext import parse_parameters
         from ..validation import check
 
-        return check(parse_parameters(text["parameters"]), f"{path}: parameters")
+        rec, skipped = parse_parameters(text["parameters"])
+        return {**check(rec, f"{path}: parameters"), "a1111": True, "unhonoured": skipped}
     if "latentgen" not in text:
-        raise InputError(f"{path}: has no latentgen recipe (it was not made by latentgen)")
+        raise InputError(f"{path}: has no latentgen recipe or A1111 parameters (it was not made by latentgen)")
     try:
         rec = json.loads(text["latentgen"])
     except json.JSONDecodeError as e:
@@ -34,7 +36,17 @@ def _recipe(path: Optional[str]) -> dict:
 
 
 def _recipe_run(rec: dict, seed, model, dtype: str, prediction, ema: bool) -> tuple:
-    """Seed, model, dtype, prediction and EMA of a recipe, where the command line leaves them unset."""
+    """Seed, model, dtype, prediction and EMA of a recipe, where the command line leaves them unset. The recorded
+    model file must still be the one that made the image (its A1111 hash, a sha256 prefix)."""
+    path = rec.get("model_path")
+    if model is None and path and rec.get("model_hash") and Path(path).exists():
+        from ..images import file_hash
+
+        if file_hash(path) != rec["model_hash"]:
+            raise InputError(
+                f"--recipe: the model {path} has changed since the image was made (hash {rec['model_hash']}); "
+                "pass --model to use another"
+            )
     return (
         rec.get("seed") if seed is None else seed,
         model or rec.get("model_path") or rec.get("model"),

@@ -135,8 +135,10 @@ class CLIPEmbeddings(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]
+    def forward(self, ids: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """``token_embeds`` replaces the token-embedding lookup (textual-inversion vectors spliced in)."""
+        tokens = self.token_embedding(ids) if token_embeds is None else token_embeds
+        return tokens + self.position_embedding.weight[: ids.shape[1]]
 
 
 class CLIPEncoder(nn.Module):
@@ -155,10 +157,10 @@ class CLIPTextTransformer(nn.Module):
         self.encoder = CLIPEncoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, ids: torch.Tensor, skip_last: bool = False) -> torch.Tensor:
-        """``final_layer_norm`` of the last block's output, or of the second-to-last block's (``skip_last``)."""
-        x = self.embeddings(ids)
-        for layer in self.encoder.layers[: len(self.encoder.layers) - skip_last]:
+    def forward(self, ids: torch.Tensor, skip: int = 0, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """``final_layer_norm`` of the last block's output, or of the block ``skip`` blocks before it."""
+        x = self.embeddings(ids, token_embeds)
+        for layer in self.encoder.layers[: len(self.encoder.layers) - skip]:
             x = layer(x)
         return self.final_layer_norm(x)
 
@@ -190,9 +192,14 @@ class CLIPEmbedder(_Conditioner):
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         return tokenize_clip(prompts, self.cfg.pad_token_id, self.cfg.max_position_embeddings)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """Context [B, 77, D]: ``final_layer_norm`` of the last block, or of the penultimate one (SD 2.x)."""
-        return self.text_model(ids, skip_last=self.cfg.layer == "penultimate")
+    def forward(self, ids: torch.Tensor, clip_skip: int = 1, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Context [B, 77, D]: ``final_layer_norm`` of the last block, or of the penultimate one (SD 2.x).
+
+        ``clip_skip`` N > 1 (A1111's "Clip skip") takes the hidden state N-1 blocks before the last, then the final
+        layer norm; a penultimate-layer encoder (SD 2.x) ignores it, as A1111 does.
+        """
+        skip = 1 if self.cfg.layer == "penultimate" else clip_skip - 1
+        return self.text_model(ids, skip=skip, token_embeds=token_embeds)
 
     def load_original_state_dict(self, sd: Mapping[str, torch.Tensor], name_prefix: str = "cond_stage_model."):
         """Accepts SD1 (``transformer.text_model.*``), OpenCLIP (``model.*``) and transformers layouts.
