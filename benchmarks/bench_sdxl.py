@@ -247,10 +247,18 @@ def main() -> None:
     for dt in dtypes:
         for what in ("unet", "decode", "e2e"):
             jobs = {
-                tool: {"tool": tool, "model": str(src if tool == "latentgen" else df), "dtype": dt, "what": what,
-                       "device": args.device, "size": size, "steps": args.steps, "reps": args.reps}
+                tool: {
+                    "tool": tool,
+                    "model": str(src if tool == "latentgen" else df),
+                    "dtype": dt,
+                    "what": what,
+                    "device": args.device,
+                    "size": size,
+                    "steps": args.steps,
+                    "reps": args.reps,
+                }
                 for tool in ("latentgen", "diffusers")
-            }  # fmt: skip
+            }
             cmd = lambda j: [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(j)]  # noqa: E731
             res = {k: [] for k in jobs}
             for _ in range(args.rounds):
@@ -259,8 +267,18 @@ def main() -> None:
             lg, df_ = (min(r["run_s"] for r in res[k]) for k in ("latentgen", "diffusers"))
             mem_key = "cuda_peak_gib" if args.device.startswith("cuda") else "rss_gib"
             mlg, mdf = (max(r[mem_key] for r in res[k]) for k in ("latentgen", "diffusers"))
-            rows.append([dt, what, f"{lg:.3f} s", f"{df_:.3f} s", f"{lg / df_:.2f}", f"{mlg:.2f}", f"{mdf:.2f}",
-                         f"{mlg / mdf:.2f}"])  # fmt: skip
+            rows.append(
+                [
+                    dt,
+                    what,
+                    f"{lg:.3f} s",
+                    f"{df_:.3f} s",
+                    f"{lg / df_:.2f}",
+                    f"{mlg:.2f}",
+                    f"{mdf:.2f}",
+                    f"{mlg / mdf:.2f}",
+                ]
+            )
     mem = "peak CUDA GiB" if args.device.startswith("cuda") else "peak RSS GiB"
     rep.table(["dtype", "job", "latentgen", "diffusers", "ratio", f"{mem} lg", f"{mem} df", "ratio"], rows)
     with open(args.out, "a") as f:

@@ -111,8 +111,25 @@ def test_refiner_ensemble_and_refiner_alone(refiner_dir):
     want = pipelines.txt2img(base, ["a fox"], [""], [2], 72, 40, st, refiner=ref, refiner_start=0.6)[0]
     assert np.array_equal(pixels("e.png"), as_png_pixels(want))
     assert json.loads(read_png_text("e.png")["latentgen"])["refiner_start"] == 0.6
-    r = cli("img2img", "e.png", "a fox", "--model", refiner_dir, "--dtype", "fp32", "--steps", 4, "--strength", 0.5,
-            "--aesthetic-score", 7.5, "--seed", 3, "--out", "r.png")  # fmt: skip
+    r = cli(
+        "img2img",
+        "e.png",
+        "a fox",
+        "--model",
+        refiner_dir,
+        "--dtype",
+        "fp32",
+        "--steps",
+        4,
+        "--strength",
+        0.5,
+        "--aesthetic-score",
+        7.5,
+        "--seed",
+        3,
+        "--out",
+        "r.png",
+    )
     assert r.exit_code == 0, r.stderr
     img = torch.from_numpy(pixels("e.png")).permute(2, 0, 1)[None].float() / 255
     st = Settings(steps=4, cfg=5.0, strength=0.5, aesthetic_score=7.5)

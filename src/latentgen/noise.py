@@ -84,8 +84,10 @@ def make_generator(seed: int, rng: str = "cpu"):
         return PhiloxGenerator(seed)
     if rng == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError("--rng cuda draws on the GPU, and no CUDA device is available: use --rng nv (the same "
-                              "numbers on any device) or --rng cpu")  # fmt: skip
+            raise ConfigError(
+                "--rng cuda draws on the GPU, and no CUDA device is available: use --rng nv (the same "
+                "numbers on any device) or --rng cpu"
+            )
         return torch.Generator("cuda").manual_seed(int(seed))
     raise ConfigError(f"unknown --rng '{rng}'; choose one of {', '.join(RNGS)}")
 
