@@ -287,7 +287,7 @@ OPTION_CASES = {
     "--width 0": (["--width", "0"], "--width 0 is out of range: use 1..8192"),
     "--width 100000": (["--width", "100000"], "--width 100000 is out of range"),
     "--height -8": (["--height", "-8"], "--height -8 is out of range"),
-    "--width 15": (["--width", "15"], "--width 15 is not a positive multiple of 4"),
+    "--width 15": (["--width", "15"], "--width 15 is not a positive multiple of 2 (the first stage's factor): use 14"),
     "--steps 0": (["--steps", "0"], "--steps 0 is out of range: use 1..1000"),
     "--steps 100000": (["--steps", "100000"], "--steps 100000 is out of range"),
     "--cfg nan": (["--cfg", "nan"], "--cfg must be a finite number, not nan"),
