@@ -120,6 +120,7 @@ def run_generation(sess: Session, items: list[dict], seed: int, num: int, make, 
                 "model_hash": sess.model_hash,
                 "dtype": str(sess.dtype).replace("torch.", ""),
                 "device": sess.device,
+                **({"weights": sess.weights} if sess.weights else {}),
                 **task_meta,
             }
             try:

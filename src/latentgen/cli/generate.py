@@ -35,6 +35,7 @@ from .options import (
     SeedOpt,
     SpacingOpt,
     StepsOpt,
+    WeightsOpt,
     WidthOpt,
 )
 from .recipe import _recipe, _recipe_run
@@ -81,6 +82,7 @@ def txt2img(
     class_label: Optional[int] = ClassOpt,
     ema: bool = EmaOpt,
     low_memory: Optional[bool] = LowMemOpt,
+    weights: Optional[str] = WeightsOpt,
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Regenerate the image whose PNG recipe this is."),
     hires: Optional[float] = typer.Option(
         None, "--hires", help="Hires fix: upscale the first pass by SCALE, then refine it with img2img."
@@ -129,6 +131,7 @@ def txt2img(
         negative = rec.get("negative", "") if negative is None else negative
         class_label = rec.get("class") if class_label is None else class_label
         seed, model, dtype, prediction, ema = _recipe_run(rec, seed, model, dtype, prediction, ema)
+        weights = weights or rec.get("weights")
         if rec.get("a1111"):
             skipped = "; ".join(rec["unhonoured"]) or "nothing"
             note(f"{recipe}: an A1111 image; not honoured: {skipped} (the model is --model's)", quiet)
@@ -145,7 +148,9 @@ def txt2img(
         dtype=dtype,
         **{"class": class_label},
     )
-    sess = Session("txt2img", model, prediction, config, dtype, device, quiet, as_json, overwrite, out, ema, low_memory)
+    sess = Session(
+        "txt2img", model, prediction, config, dtype, device, quiet, as_json, overwrite, out, ema, low_memory, weights
+    )
     from .. import pipelines
 
     kind = sess.bundle.config.cond.kind
@@ -328,6 +333,7 @@ def img2img(
     config: Optional[str] = ConfigOpt,
     ema: bool = EmaOpt,
     low_memory: Optional[bool] = LowMemOpt,
+    weights: Optional[str] = WeightsOpt,
     original_size: Optional[str] = OriginalSizeOpt,
     crop: Optional[str] = CropOpt,
     target_size: Optional[str] = TargetSizeOpt,
@@ -362,7 +368,9 @@ def img2img(
         dtype=dtype,
     )
     init = _load_input_image(image)
-    sess = Session("img2img", model, prediction, config, dtype, device, quiet, as_json, overwrite, out, ema, low_memory)
+    sess = Session(
+        "img2img", model, prediction, config, dtype, device, quiet, as_json, overwrite, out, ema, low_memory, weights
+    )
     from .. import pipelines
 
     if sess.bundle.config.concat is not None:
@@ -461,6 +469,7 @@ def inpaint(
     config: Optional[str] = ConfigOpt,
     ema: bool = EmaOpt,
     low_memory: Optional[bool] = LowMemOpt,
+    weights: Optional[str] = WeightsOpt,
     original_size: Optional[str] = OriginalSizeOpt,
     crop: Optional[str] = CropOpt,
     target_size: Optional[str] = TargetSizeOpt,
@@ -518,7 +527,9 @@ def inpaint(
         m = torch.zeros_like(init[:, :1])
     if ext is not None:
         init, m = _outpaint_canvas(init, m, ext)
-    sess = Session("inpaint", model, prediction, config, dtype, device, quiet, as_json, overwrite, out, ema, low_memory)
+    sess = Session(
+        "inpaint", model, prediction, config, dtype, device, quiet, as_json, overwrite, out, ema, low_memory, weights
+    )
     from .. import pipelines
 
     if sess.bundle.config.concat == "lowres":
@@ -624,6 +635,7 @@ def superres(
     config: Optional[str] = ConfigOpt,
     ema: bool = EmaOpt,
     low_memory: Optional[bool] = LowMemOpt,
+    weights: Optional[str] = WeightsOpt,
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Regenerate the image whose PNG recipe this is."),
 ) -> None:
     """Upscale an image: LDM-SR (low-res image concatenated to the latent) or the SD 2 x4 upscaler (also guided
@@ -641,6 +653,7 @@ def superres(
         negative = rec.get("negative", "") if negative is None else negative
         noise_level = rec.get("noise_level") if noise_level is None else noise_level
         seed, model, dtype, prediction, ema = _recipe_run(rec, seed, model, dtype, prediction, ema)
+        weights = weights or rec.get("weights")
     if image is None:
         raise ConfigError("superres needs an IMAGE argument (or --recipe PNG)")
     if model is None:
@@ -658,7 +671,7 @@ def superres(
     )
     low = _load_input_image(image)
     sess = Session(
-        "superres", model, prediction, config, dtype, device, quiet, as_json, overwrite, out, ema, low_memory
+        "superres", model, prediction, config, dtype, device, quiet, as_json, overwrite, out, ema, low_memory, weights
     )
     from .. import pipelines
 

@@ -105,3 +105,12 @@ LowMemOpt = typer.Option(
     "runs (about half the memory, about 10% slower), or upcast them all at load. Default: full "
     "weights when they take under a third of the available memory.",
 )
+
+
+WeightsOpt = typer.Option(
+    None,
+    "--weights",
+    help="int8: hold the UNet's, text encoder's and image decoder's layer weights in 8 bits (a scale per output "
+    "channel), dequantised layer by layer as they run: about a quarter of the fp32 weight memory, images within a "
+    "few levels. Default: as stored (see --low-memory).",
+)

@@ -131,7 +131,7 @@ def load_refiner(sess, refiner: Optional[str], refiner_start: Optional[float], l
     from ..pipelines import is_out_of_memory
 
     try:
-        bundle = load_model(refiner, device=sess.device, dtype=sess.dtype, low_memory=low_memory)
+        bundle = load_model(refiner, device=sess.device, dtype=sess.dtype, low_memory=low_memory, weights=sess.weights)
     except (MemoryError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not is_out_of_memory(e):
             raise

@@ -36,6 +36,7 @@ class Session:
         out,
         ema=False,
         low_memory=None,
+        weights=None,
     ):
         import torch
 
@@ -50,6 +51,7 @@ class Session:
         self.device = pick_device(device)
         if self.world > 1 and self.device == "cuda":
             self.device = f"cuda:{int_env('LOCAL_RANK', 0)}"
+        self.weights = check_weights(weights, low_memory)
         self.out = out or "out/{index:05d}-{seed}.png"
         check_out_pattern(self.out, overwrite)
         if self.world > 1:
@@ -71,6 +73,7 @@ class Session:
                 device=self.device,
                 dtype=self.dtype,
                 low_memory=low_memory,
+                weights=self.weights,
             )
         except CheckpointError as e:
             if model is not None:
@@ -200,6 +203,20 @@ class Session:
         from ..images import save_png, to_pil
 
         save_png(to_pil(image), path, text=png_text(meta), overwrite=self.overwrite)
+
+
+def check_weights(weights, low_memory):
+    """`--weights`: int8 or omitted; int8 weights are dequantised as their layers run, which --full-weights
+    (everything upcast at load) contradicts."""
+    from ..loading.weights import check_weight_storage
+
+    if check_weight_storage(weights) is None:
+        return None
+    if low_memory is False:
+        raise ConfigError(
+            f"--weights {weights} keeps the weights in 8 bits and dequantises them as they run: drop --full-weights"
+        )
+    return weights
 
 
 def has_fields(pattern: str) -> bool:

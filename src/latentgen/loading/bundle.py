@@ -27,9 +27,9 @@ from .layout import (
     load_strict,
     split_prefix,
 )
-from .safetensors import read_converted, write_safetensors
+from .safetensors import PlainReader, read_converted, write_safetensors
 from .sdxl import SDXL_COND_PREFIX, SDXL_IGNORED_KEYS, read_and_guessed, variant
-from .weights import upcast_on_use
+from .weights import check_weight_storage, int8_weights, upcast_on_use
 
 
 @dataclass
@@ -164,9 +164,10 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     low_memory: bool | None = False,
+    weights: str | None = None,
 ) -> ModelBundle:
     """Load a model by registry name or path (file or diffusers folder) with strict key checking.
-    `low_memory`: see :func:`bundle_from_raw`."""
+    `low_memory`, `weights`: see :func:`bundle_from_raw`."""
     path, entry = resolve_model(model)
     raw = read_checkpoint(path)
     return bundle_from_raw(
@@ -179,6 +180,7 @@ def load_model(
         device=device,
         dtype=dtype,
         low_memory=low_memory,
+        weights=weights,
     )
 
 
@@ -238,12 +240,17 @@ def bundle_from_raw(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     low_memory: bool | None = False,
+    weights: str | None = None,
 ) -> ModelBundle:
     """Build the modules a checkpoint describes and load its weights strictly (meta tensors allowed).
     `low_memory` (CPU, a single file): weights stored in a lower precision than `dtype` stay as stored, memory-mapped,
     and each layer gets its weights upcast when it runs (:func:`upcast_on_use`): the same results, about half
     the memory for an fp16 file computed in fp32, about 10% slower (SD 1.5). None: low memory unless the weights
-    in `dtype` take under a third of the memory available."""
+    in `dtype` take under a third of the memory available.
+    `weights="int8"`: the Linear / Conv layers of the UNet, the text encoder and the image decoder hold int8
+    weights with a scale per output channel, quantised from the stored ones and dequantised to `dtype` layer by
+    layer as they run (:func:`int8_weights`); everything else is kept as with low memory."""
+    check_weight_storage(weights)
     cfg, notes = resolve_config(raw, entry=entry, prediction=prediction, config=config, overrides=overrides)
     path = raw.path
     sd = raw.tensors
@@ -252,11 +259,11 @@ def bundle_from_raw(
         need = sum(v.numel() for v in sd.values() if v.is_floating_point()) * dtype.itemsize
         avail = available_memory()
         low_memory = avail is None or 3 * need > avail
-    low_memory = bool(low_memory) and cpu_file
+    low_memory = (bool(low_memory) or weights is not None) and cpu_file
     # with full weights too, the text and image encoders (run once per prompt or image) keep theirs as stored
     cond_prefix = SDXL_COND_PREFIX if cfg.family == "sdxl" else COND_PREFIX
     keep = (cond_prefix, FIRST_STAGE_PREFIX + "encoder.", FIRST_STAGE_PREFIX + "quant_conv.") if cpu_file else ()
-    if dtype is not None and not low_memory:  # weights exist once in memory, in the asked dtype
+    if dtype is not None and not low_memory and weights is None:  # weights exist once in memory, in the asked dtype
         todo = [
             k
             for k, v in sd.items()
@@ -305,12 +312,34 @@ def bundle_from_raw(
     )
     for m in (unet, first_stage, cond):
         m.eval().requires_grad_(False)
+    if weights == "int8":  # quantised from the stored weights, before anything else is converted
+        _quantize(raw, sd, (unet, cond, first_stage.decoder, first_stage.post_quant_conv), dtype)
+        first_stage.compute_dtype = dtype
     if cpu_file:  # weights not converted as they were read are upcast as their layers run
         for m in (unet, first_stage, cond) if low_memory else (cond, first_stage.encoder, first_stage.quant_conv):
             upcast_on_use(m, dtype)
         first_stage.compute_dtype = dtype
         return bundle
     return bundle.to(device=device, dtype=dtype)
+
+
+def _quantize(raw: RawCheckpoint, sd: dict, modules, dtype: torch.dtype) -> None:
+    """int8 weights for `modules`. From a single file, each weight is read on its own with a plain read (found by
+    the storage address of its memory-mapped tensor) and dropped once quantised, so the file's pages for those
+    weights are never mapped in: the peak stays near the int8 weights, not the file's size plus them."""
+    if raw.format == "diffusers" or not Path(raw.path).is_file():
+        for m in modules:
+            int8_weights(m, dtype)
+        return
+    at = {(v.data_ptr(), v.shape, v.dtype): k for k, v in sd.items() if v.is_floating_point() and v.numel()}
+    with PlainReader(raw.path) as reader:
+
+        def source(w: torch.Tensor) -> torch.Tensor:
+            key = at.get((w.data_ptr(), w.shape, w.dtype))
+            return reader.read(key) if key is not None else w
+
+        for m in modules:
+            int8_weights(m, dtype, source)
 
 
 def save_model(

@@ -1,5 +1,6 @@
 """How weights are held while a model runs: upcast on use (fp16/bf16 storage, fp32 compute, one layer at a
-time) and convolution weights prepacked once into oneDNN's blocked layout for CPU fp32 generation."""
+time), 8-bit weights (int8 storage with a scale per output channel, dequantised one layer at a time) and
+convolution weights prepacked once into oneDNN's blocked layout for CPU fp32 generation."""
 
 from __future__ import annotations
 
@@ -35,6 +36,69 @@ def upcast_on_use(module: nn.Module, dtype: torch.dtype) -> None:
             if b is not None and b.is_floating_point():
                 m._buffers[name] = b.to(dtype)
     module.compute_dtype = dtype
+
+
+WEIGHT_STORAGE = ("int8",)  # what --weights accepts; omitted: as stored (or upcast at load, see bundle_from_raw)
+
+
+def check_weight_storage(weights: str | None) -> str | None:
+    if weights not in (None, *WEIGHT_STORAGE):
+        from ..errors import ConfigError
+
+        raise ConfigError(f"--weights must be {' or '.join(WEIGHT_STORAGE)} (or omitted), not '{weights}'")
+    return weights
+
+
+INT8_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+class _Int8(nn.Module):
+    """Parametrization: an int8 weight q and its per-output-channel scale s (fp32, shaped to broadcast over q),
+    used as q·s in the compute dtype."""
+
+    def __init__(self, scale: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("scale", scale)
+        self.dtype = dtype
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        w = q.to(torch.float32).mul_(self.scale)  # 2x faster than q * scale (its int8 × fp32 promotion), same values
+        return w if w.dtype == self.dtype else w.to(self.dtype)
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric weight-only quantisation, one scale per output channel (dim 0): s = max|w| / 127 over the other
+    dims, q = round(w / s) in [-127, 127]; an all-zero channel gets s = 1 (q = 0). Returns (q int8, s fp32)."""
+    w = w.detach().to(torch.float32, copy=True)  # a copy: rounded in place below
+    dims = tuple(range(1, w.ndim))
+    amax = torch.maximum(w.amax(dim=dims, keepdim=True), -w.amin(dim=dims, keepdim=True))  # max |w|, no |w| copy
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    return w.div_(scale).round_().clamp_(-127, 127).to(torch.int8), scale
+
+
+def int8_weights(module: nn.Module, dtype: torch.dtype, source=None) -> nn.Module:
+    """Hold the weight of each of `module`'s Linear / Conv1d / Conv2d layers as int8 with a per-output-channel
+    scale (:func:`quantize_int8`), dequantised to `dtype` when the layer runs (a torch parametrization, like
+    :func:`upcast_on_use`): a quarter of the fp32 bytes, one layer's dense weight alive at a time. Biases, norms
+    and embeddings are untouched. `source(w)`, when given, returns the values of weight `w` to quantise (e.g.
+    read from the file without touching its memory map). For generation only; `module.compute_dtype` records
+    `dtype`."""
+    from torch.nn.utils import parametrize
+
+    for m in list(module.modules()):
+        w = m._parameters.get("weight") if isinstance(m, INT8_LAYERS) else None
+        if w is None or not w.is_floating_point() or parametrize.is_parametrized(m, "weight"):
+            continue
+        q, scale = quantize_int8(source(w) if source is not None else w)
+        m._parameters["weight"] = nn.Parameter(q.to(w.device), requires_grad=False)
+        parametrize.register_parametrization(m, "weight", _Int8(scale.to(w.device), dtype), unsafe=True)
+    module.compute_dtype = dtype
+    return module
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes held by `module`'s parameters and buffers, as stored (int8, fp16, ...)."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
 class PackedConv2d(nn.Conv2d):
