@@ -1,7 +1,9 @@
 """latentgen vs diffusers: speed, peak memory and start-up on the same random weights (issue 5).
 
     python benchmarks/bench.py --quick     # minutes on 2 cores: SD-size "2 UNet steps + VAE decode", tiny e2e
-    python benchmarks/bench.py             # full: SD-size txt2img 20 steps dpmpp_2m CFG 7.5 at 512x512, 2048² decode
+    python benchmarks/bench.py             # full: SD-size txt2img 20 steps dpmpp_2m CFG 7.5 at 512x512, 2048² decode,
+                                           # stable-diffusion.cpp (benchmarks/sdcpp.py), attention micro-benchmark
+    python benchmarks/bench.py --dry-run   # what the sd.cpp and attention sections would run; nothing is touched
 
 Every measured job runs in its own process (so peak RSS is that job's alone, read with os.wait4), latentgen
 and diffusers alternate, and ratios are latentgen / diffusers of the medians. Weights: random (std 1/sqrt(fan_in),
@@ -776,6 +778,62 @@ def bench_decode_2048(rep: Report, src: Path, df: Path) -> None:
     rep.table(["tool", "decode s", "peak RSS GiB", "load avg"], rows)
 
 
+def bench_sdcpp(rep: Report, src: Path, cache: Path | None, reps: int) -> None:
+    """latentgen against stable-diffusion.cpp's sd-cli on the same file (benchmarks/sdcpp.py)."""
+    import sdcpp
+
+    cache = cache or sdcpp.default_cache()
+    res = sdcpp.measure(src, cache, 256, 2, reps, os.cpu_count() or 2, log=lambda s: rep.add(s))
+    rep.add(
+        "## stable-diffusion.cpp (sd-cli built from the stable-diffusion-cpp-python sdist, GGML_NATIVE)",
+        "",
+        f"Same random SD 1.5-size fp16 file, 256², 2 steps DPM++ 2M, CFG 7.5, whole processes, median of {reps} "
+        "alternating rounds; time / peak RSS ratios are latentgen / sd.cpp. Load averages: "
+        f"{res['load'][0]} … {res['load'][-1]}.",
+        "",
+    )
+    rep.table(sdcpp.HEADER, sdcpp.table_rows(res))
+
+
+def bench_attention(rep: Report) -> None:
+    """CPU fp32 self-attention at SD 1.5's largest shape, SDPA against latentgen's blocked kernel (one process)."""
+    r = run_measured([sys.executable, str(HERE / "attention.py"), "--rounds", "5"])
+    rep.add(
+        "## Attention micro-benchmark (benchmarks/attention.py)",
+        "",
+        "Batch 2, 8 heads, 4096 tokens, head dim 40, fp32, one process, alternating, median of 5.",
+        "",
+    )
+    names = {"sdpa": "torch SDPA (4-d)", "sdpa_3d": "torch SDPA, heads folded (3-d)", "blocked": "blocked matmuls"}
+    rep.table(
+        ["kernel", "s", "GFLOP/s", "ratio to SDPA"],
+        [
+            [label, r["seconds"][k], r["gflops"][k], f"{r['seconds'][k] / r['seconds']['sdpa']:.2f}"]
+            for k, label in names.items()
+        ],
+    )
+    rep.add(f"Blocked vs SDPA: max relative difference {r['max_rel_diff']:.1e}.", "")
+
+
+def dry_run(args) -> None:
+    """The commands of the sd.cpp and attention sections (the others run this script's own workers)."""
+    import sdcpp
+
+    model = Path(args.cache) / "sd15-random-fp16.safetensors"
+    cache = Path(args.sdcpp_cache) if args.sdcpp_cache else sdcpp.default_cache()
+    skip = set(filter(None, args.skip.split(",")))
+    print("# sections:", ", ".join(s for s in SECTIONS if s not in skip))
+    if "sdcpp" not in skip:
+        print("# sdcpp")
+        print("\n".join(sdcpp.dry_run(model, cache, 256, 2, args.sd_reps or args.reps, os.cpu_count() or 2)))
+    if "attention" not in skip:
+        print("# attention")
+        print(f"{sys.executable} {HERE / 'attention.py'} --rounds 5")
+
+
+SECTIONS = ("startup", "sd", "decode2048", "sdcpp", "attention")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="SD-size: 2 steps + decode instead of 20 steps")
@@ -788,13 +846,18 @@ def main() -> None:
         default="auto",
         help="SD-size bf16 runs: auto = only on CPUs with native bf16 (AMX / avx512_bf16)",
     )
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: startup,sd,decode2048")
+    ap.add_argument("--skip", default="", help=f"comma list of sections to skip: {','.join(SECTIONS)}")
+    ap.add_argument("--sdcpp-cache", default=None, help="where sd-cli is built and kept (default: outside the repo)")
+    ap.add_argument("--dry-run", action="store_true", help="print the sd.cpp and attention commands; run nothing")
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         job = json.loads(args.worker)
         print(json.dumps(WORKERS[job["kind"]](job)))
+        return
+    if args.dry_run:
+        dry_run(args)
         return
 
     import torch
@@ -826,7 +889,7 @@ def main() -> None:
     if "startup" not in skip:
         tiny_lg, tiny_df = make_tiny(cache)
         bench_startup(rep, cache, tiny_lg, tiny_df, args.reps, bf16)
-    if "sd" not in skip or "decode2048" not in skip:
+    if not {"sd", "decode2048", "sdcpp"} <= skip:
         src, df = make_sd15(cache)
     if "sd" not in skip:
         dtypes = ["float32"] + (["bfloat16"] if bf16 else [])
@@ -849,6 +912,10 @@ def main() -> None:
             )
     if "decode2048" not in skip and not args.quick:
         bench_decode_2048(rep, src, df)
+    if "sdcpp" not in skip:
+        bench_sdcpp(rep, src, Path(args.sdcpp_cache) if args.sdcpp_cache else None, args.sd_reps or args.reps)
+    if "attention" not in skip:
+        bench_attention(rep)
     Path(args.out).write_text("\n".join(rep.lines) + "\n")
     print(args.out)
 
