@@ -46,12 +46,6 @@ EMPHASES = ("original", "no-norm", "none", "literal")
 # closing a round bracket, a closing bracket, a run of plain text, or a lone colon.
 _UNIT = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|\]|[^\\()\[\]:]+|:")
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
-_SYNTAX = re.compile(r"[\\()\[\]]|\bBREAK\b")
-
-
-def has_syntax(text: str) -> bool:
-    """Whether ``text`` uses brackets, escapes or BREAK (a prompt without them parses to itself at weight 1)."""
-    return _SYNTAX.search(text) is not None
 
 
 def parse_attention(text: str) -> list[tuple[str, float]]:
