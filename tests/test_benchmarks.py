@@ -62,10 +62,12 @@ def test_sdcpp_dry_run_prints_fetch_build_and_alternating_runs(tmp_path):
 
 
 def test_bench_dry_run_lists_the_sdcpp_section(tmp_path):
-    r = run(str(ROOT / "benchmarks" / "bench.py"), "--dry-run", "--cache", str(tmp_path / "c"), cwd=tmp_path)
+    # its own sd-cli cache: a machine that has built sd-cli before would list no build steps
+    args = ("--dry-run", "--cache", str(tmp_path / "c"), "--sdcpp-cache", str(tmp_path / "s"))
+    r = run(str(ROOT / "benchmarks" / "bench.py"), *args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "sd-cli" in r.stdout and "-DGGML_NATIVE=ON" in r.stdout and "attention.py" in r.stdout
-    assert not (tmp_path / "c").exists()
+    assert not (tmp_path / "c").exists() and not (tmp_path / "s").exists()
 
 
 def test_attention_benchmark_kernel_computes_attention(monkeypatch):
