@@ -236,7 +236,9 @@ def tail(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------ first stage, tiled
 
-AUTO_TILE = 96  # latent pixels (768 px at f=8): larger latents are decoded / encoded in tiles
+# latent pixels: larger latents are decoded / encoded in tiles (1024 px at f=8: SDXL's native size runs whole, as
+# in A1111 and diffusers)
+AUTO_TILE = 128
 TILE_OVERLAP = 16  # latent pixels shared by neighbouring tiles, cross-faded with linear ramps
 MIN_TILE = 16
 
