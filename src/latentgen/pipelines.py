@@ -52,7 +52,7 @@ class Settings:
     extra: dict = field(default_factory=dict)
     clip_skip: int = 1  # A1111's "Clip skip" (CLIP text encoders)
     emphasis: str = "original"  # text.prompts.EMPHASES
-    embeddings: dict = field(default_factory=dict)  # textual-inversion name -> vectors [n, D]
+    embeddings: dict = field(default_factory=dict)  # textual-inversion name -> vectors [n, D] (SDXL: {clip_l, clip_g})
     scheduler: str | None = None  # schedulers.SCHEDULERS; None: the sampler's default (default_scheduler)
     rng: str = "cpu"  # noise.RNGS
     subseed: int | None = None  # A1111 variation seed (image i: subseed + i), blended in at subseed_strength
@@ -152,7 +152,8 @@ def encode_prompts(
     device, dtype = _params(bundle)
     kind = bundle.config.cond.kind
     if kind == "sdxl":
-        cond, uncond = cond_mod.guidance_pair(list(prompts), list(negatives), cfg != 1.0, **(sdxl or {}))
+        text = dict(emphasis=settings.emphasis, embeddings=settings.embeddings)  # no clip skip on SDXL (A1111)
+        cond, uncond = cond_mod.guidance_pair(list(prompts), list(negatives), cfg != 1.0, **(sdxl or {}), **text)
         move = lambda d: {k: v.to(device, dtype) for k, v in d.items()}  # noqa: E731
         return move(cond), None if uncond is None else move(uncond)
     if kind == "none":

@@ -10,7 +10,8 @@ them on its own (as A1111 does):
    tokens, each wrapped as ``[BOS] tokens [EOS] pad...`` (77). When a chunk fills up, the text after its last
    comma moves to the next chunk if that comma is at most 20 tokens back. A textual-inversion name is replaced by
    its vectors, which never straddle a chunk boundary.
-3. :func:`encode_chunks` runs the encoder on every chunk (optionally stopping ``clip_skip - 1`` blocks early),
+3. :func:`encode_chunks` runs an encoder callable on every chunk (SD 1.x / 2.x: :func:`encode_prompts`, which may
+   stop ``clip_skip - 1`` blocks early; SDXL: text/sdxl.py, each encoder on its own, bigG with its pooled output),
    applies the emphasis and concatenates the chunks along the sequence axis: [n_chunks * 77, D] per prompt.
 
 Emphasis (A1111's ``emphasis`` setting): ``original`` (default) multiplies each token's output by its weight and
@@ -238,37 +239,50 @@ def apply_emphasis(z: torch.Tensor, weights: torch.Tensor, emphasis: str) -> tor
 
 
 def encode_chunks(
-    embedder,
+    encode: Callable,
+    table: torch.nn.Embedding,
     prompts: Sequence[list[Chunk]],
     vectors: Mapping[str, torch.Tensor] | None = None,
     *,
-    clip_skip: int = 1,
     emphasis: str = "original",
     empty: Chunk | None = None,
-) -> torch.Tensor:
+    pooled: bool = False,
+):
     """Context [B, n * 77, D] for B prompts' chunks, all chunks through the encoder in one batch. Prompts with
-    fewer chunks than the longest get ``empty`` chunks (as A1111 pads a batch). ``embedder``: a CLIP-like
-    conditioner (``text_model.embeddings.token_embedding`` and ``forward(ids, clip_skip, token_embeds)``)."""
+    fewer chunks than the longest get ``empty`` chunks (as A1111 pads a batch).
+
+    ``encode(ids [N, 77], token_embeds [N, 77, D] | None)`` runs one CLIP-like encoder (``token_embeds``, when
+    given, holds the token embeddings with the textual-inversion vectors in place); ``table`` is its token
+    embedding. With ``pooled``, ``encode`` returns (hidden, pooled [N, E]) and so does this function: the pooled
+    output of each prompt's FIRST chunk, untouched by the emphasis (A1111 ``forward``: ``zs[0].pooled``)."""
     n = max(len(p) for p in prompts)
     if any(len(p) < n for p in prompts) and empty is None:
         raise ValueError("prompts with different chunk counts need the encoder's empty chunk")
     flat = [c for p in prompts for c in [*p, *[empty] * (n - len(p))]]
-    device = embedder.text_model.embeddings.token_embedding.weight.device
+    device = table.weight.device
     ids = torch.tensor([c.ids for c in flat], dtype=torch.long, device=device)
     token_embeds = None
-    if any(c.fixes for c in flat):
-        table = embedder.text_model.embeddings.token_embedding
-        token_embeds = table(ids).clone()
-        for row, c in enumerate(flat):
-            for index, name in c.fixes:
-                vec = vectors[name].to(token_embeds)
-                token_embeds[row, index : index + vec.shape[0]] = vec
     with torch.no_grad():
-        z = embedder(ids, clip_skip=clip_skip, token_embeds=token_embeds)
+        if any(c.fixes for c in flat):
+            token_embeds = table(ids).clone()
+            for row, c in enumerate(flat):
+                for index, name in c.fixes:
+                    vec = vectors[name].to(token_embeds)
+                    token_embeds[row, index : index + vec.shape[0]] = vec
+        out = encode(ids, token_embeds)
+        z, pool = out if pooled else (out, None)
         weights = torch.tensor([c.weights for c in flat], dtype=torch.float32, device=device)
         z = apply_emphasis(z, weights, emphasis)
     b, length, d = len(prompts), z.shape[1], z.shape[2]
-    return z.reshape(b, n * length, d)
+    z = z.reshape(b, n * length, d)
+    return (z, pool.reshape(b, n, -1)[:, 0]) if pooled else z
+
+
+def prompt_chunks(
+    texts: Sequence[str], voc: Vocabulary, emphasis: str = "original", embeddings: Mapping[str, int] | None = None
+) -> list[list[Chunk]]:
+    """Every prompt's chunks for one encoder's vocabulary; ``embeddings``: name → number of vectors."""
+    return [make_chunks(pieces_for(t, emphasis), voc, embeddings) for t in texts]
 
 
 @functools.lru_cache(maxsize=4)
@@ -290,11 +304,16 @@ def encode_prompts(
     emphasis: str = "original",
     embeddings: Mapping[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Context [B, n * 77, D] of B prompts for one CLIP-like encoder (SD 1.x / 2.x, each SDXL encoder)."""
+    """Context [B, n * 77, D] of B prompts for an SD 1.x / 2.x CLIP-like encoder (``text.clip.CLIPEmbedder``)."""
     voc = clip_vocabulary(embedder.cfg.pad_token_id)
     counts = {name: v.shape[0] for name, v in (embeddings or {}).items()}
-    chunks = [make_chunks(pieces_for(t, emphasis), voc, counts) for t in texts]
-    return encode_chunks(embedder, chunks, embeddings, clip_skip=clip_skip, emphasis=emphasis, empty=empty_chunk(voc))
+
+    def encode(ids, token_embeds):
+        return embedder(ids, clip_skip=clip_skip, token_embeds=token_embeds)
+
+    table = embedder.text_model.embeddings.token_embedding
+    chunks = prompt_chunks(texts, voc, emphasis, counts)
+    return encode_chunks(encode, table, chunks, embeddings, emphasis=emphasis, empty=empty_chunk(voc))
 
 
 # ------------------------------------------------------------------------------------- LoRA tags in prompts

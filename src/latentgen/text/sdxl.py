@@ -14,8 +14,14 @@ Mirrors sgm's `GeneralConditioner` with the embedders of `configs/inference/sd_x
   target size for the refiner.
 
 Cross-attention context = cat(CLIP-L hidden, bigG penultimate) on the channel axis (the refiner: bigG alone);
-vector `y` = cat(pooled, size embeddings). The two encoders' steps are separate functions (`tokenize_l` →
-`encode_l`, `tokenize_g` → `encode_g`) so that per-encoder prompt weighting can sit between them.
+vector `y` = cat(pooled, size embeddings).
+
+Prompts are read as AUTOMATIC1111 reads them on SDXL (`FrozenCLIPEmbedderForSDXLWithCustomWords`,
+`FrozenOpenCLIPEmbedder2WithCustomWords`): each encoder on its own runs text/prompts.py's parse → 75-token chunks
+(comma backtrack, BREAK, textual inversion: `clip_l` vectors for CLIP-L, `clip_g` for bigG) → encode → emphasis, and
+the context is cat(CLIP-L, bigG) per chunk, the chunks along the sequence axis. The pooled vector is bigG's of the
+first chunk, unweighted (A1111 `zs[0].pooled`). Clip skip does not apply: both encoders already take the
+penultimate layer (A1111's default, `sdxl_clip_l_skip` off).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from torch import nn
 from latentgen.errors import CheckpointError, ConfigError, InputError
 from latentgen.text.clip import CLIPEmbedder, clip_to_openclip
 from latentgen.text.config import CondConfig
+from latentgen.text.prompts import clip_vocabulary, empty_chunk, encode_chunks, prompt_chunks
 from latentgen.text.tokenizers import CLIP_EOS, tokenize_clip
 from latentgen.unet import timestep_embedding
 
@@ -110,10 +117,11 @@ def _split_embedders(sd: Mapping[str, torch.Tensor]) -> dict[int, dict]:
     return out
 
 
-def penultimate_hidden(embedder: CLIPEmbedder, ids: torch.Tensor) -> torch.Tensor:
-    """Output of the second-to-last block, without the final LayerNorm (sgm `layer_idx` -2 / `penultimate`)."""
+def penultimate_hidden(embedder: CLIPEmbedder, ids: torch.Tensor, token_embeds: torch.Tensor | None = None):
+    """Output of the second-to-last block, without the final LayerNorm (sgm `layer_idx` -2 / `penultimate`);
+    `token_embeds` in place of the token-embedding lookup (textual inversion)."""
     tm = embedder.text_model
-    x = tm.embeddings(ids)
+    x = tm.embeddings(ids, token_embeds)
     for layer in tm.encoder.layers[:-1]:
         x = layer(x)
     return x
@@ -128,10 +136,10 @@ class BigGEmbedder(nn.Module):
         self.tower = CLIPEmbedder(cfg)
         self.text_projection = nn.Parameter(torch.empty(cfg.hidden_size, projection_dim))
 
-    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(penultimate hidden states [B, 77, W], pooled [B, E])."""
+    def forward(self, ids: torch.Tensor, token_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(penultimate hidden states [B, 77, W], pooled [B, E]); the pooled token is the first end token (argmax)."""
         tm = self.tower.text_model
-        hidden = penultimate_hidden(self.tower, ids)
+        hidden = penultimate_hidden(self.tower, ids, token_embeds)
         last = tm.final_layer_norm(tm.encoder.layers[-1](hidden))
         pooled = last[torch.arange(ids.shape[0], device=ids.device), ids.argmax(dim=-1)]
         return hidden, pooled @ self.text_projection.to(pooled.dtype)
@@ -191,24 +199,46 @@ class SDXLConditioner(nn.Module):
         """bigG ids, zero-padded (open_clip.tokenize; diffusers' `tokenizer_2` pads with '!', also id 0)."""
         return tokenize_clip(prompts, 0, self.cfg.bigg.max_position_embeddings)
 
-    def encode_l(self, ids: torch.Tensor) -> torch.Tensor:
+    def encode_l(self, ids: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """CLIP-L penultimate hidden states [B, 77, 768] (no final LayerNorm)."""
-        return penultimate_hidden(self.clip_l, ids.to(self._device()))
+        return penultimate_hidden(self.clip_l, ids.to(self._device()), token_embeds)
 
-    def encode_g(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_g(self, ids: torch.Tensor, token_embeds: torch.Tensor | None = None):
         """bigG (penultimate hidden states [B, 77, 1280], pooled projection [B, 1280])."""
-        return self.bigg(ids.to(self._device()))
+        return self.bigg(ids.to(self._device()), token_embeds)
 
     # the whole conditioner ---------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode_text(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cross-attention context [B, 77, context_dim], pooled [B, E]) for prompts."""
-        hidden_g, pooled = self.encode_g(self.tokenize_g(prompts))
+    def encode_text(
+        self,
+        prompts: Sequence[str],
+        *,
+        emphasis: str = "original",
+        embeddings: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cross-attention context [B, n * 77, context_dim], pooled [B, E]) for prompts in A1111's syntax.
+
+        `embeddings`: textual-inversion name → {"clip_l": [n, 768], "clip_g": [n, 1280]} (the refiner reads clip_g
+        alone); both encoders chunk the text alike, with n positions for a name."""
+        embeddings = embeddings or {}
+        hidden_g, pooled = self._encode_one(self.encode_g, self.bigg.tower, "clip_g", 0, prompts, emphasis, embeddings)
         if self.clip_l is None:
             return hidden_g, pooled
-        hidden_l = self.encode_l(self.tokenize_l(prompts))
+        hidden_l = self._encode_one(self.encode_l, self.clip_l, "clip_l", CLIP_EOS, prompts, emphasis, embeddings)
+        if hidden_l.shape[1] != hidden_g.shape[1]:  # both read the same text with the same BPE
+            raise RuntimeError(f"CLIP-L made {hidden_l.shape[1]} context tokens and bigG {hidden_g.shape[1]}")
         return torch.cat([hidden_l, hidden_g.to(hidden_l.dtype)], dim=-1), pooled
+
+    def _encode_one(self, encode, tower: CLIPEmbedder, key: str, pad: int, prompts, emphasis, embeddings):
+        """One encoder's chunks of the prompts (its padding id, its embedding vectors), through `encode`."""
+        table = tower.text_model.embeddings.token_embedding
+        vectors = {name: _vectors(v, key, name, table.embedding_dim) for name, v in embeddings.items()}
+        voc = clip_vocabulary(pad)
+        chunks = prompt_chunks(prompts, voc, emphasis, {name: v.shape[0] for name, v in vectors.items()})
+        return encode_chunks(
+            encode, table, chunks, vectors, emphasis=emphasis, empty=empty_chunk(voc), pooled=key == "clip_g"
+        )
 
     def time_ids(self, original_size, crop, target_size=None, aesthetic_score=None) -> list[float]:
         """The size conditioning ids: (orig h, orig w, crop top, crop left) + (target h, w) | (aesthetic,)."""
@@ -228,9 +258,10 @@ class SDXLConditioner(nn.Module):
         return torch.cat([pooled.float(), emb], dim=-1)
 
     @torch.no_grad()
-    def condition(self, prompts: Sequence[str], time_ids) -> dict[str, torch.Tensor]:
-        """{"context", "y"} for the UNet; `time_ids`: one row for every prompt, or a row per prompt [B, n]."""
-        context, pooled = self.encode_text(prompts)
+    def condition(self, prompts: Sequence[str], time_ids, **text) -> dict[str, torch.Tensor]:
+        """{"context", "y"} for the UNet; `time_ids`: one row for every prompt, or a row per prompt [B, n];
+        `text`: encode_text's emphasis and embeddings."""
+        context, pooled = self.encode_text(prompts, **text)
         ids = torch.as_tensor(time_ids, dtype=torch.float32)
         ids = ids.expand(len(prompts), -1) if ids.ndim == 1 else ids
         return {"context": context, "y": self.vector(pooled, ids)}
@@ -254,25 +285,29 @@ class SDXLConditioner(nn.Module):
         target_size: tuple[int, int],
         aesthetic_score: float = DEFAULT_AESTHETIC,
         negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC,
+        **text,
     ) -> tuple[dict, dict | None]:
         """(cond, uncond) kwargs for guidance; sizes are (h, w), the crop (top, left).
 
         Base: an empty (or absent) negative gives zeroed text parts (sgm's `force_uc_zero_embeddings=['txt']`;
         diffusers' `negative_prompt=None` with `force_zeros_for_empty_prompt`); a given negative is encoded
         (diffusers). Refiner: the negative is always encoded (`""` by default), with the negative aesthetic score.
+        `text`: encode_text's emphasis and embeddings, for the prompt and the negative alike; the two may have
+        different chunk counts (the denoiser then runs them as two calls, as A1111).
         """
         ids = self.time_ids(original_size, crop, target_size, aesthetic_score)
-        cond = self.condition(prompts, ids)
+        cond = self.condition(prompts, ids, **text)
         if not guided:
             return cond, None
         texts = [n or "" for n in negatives]
         if self.cfg.refiner:
-            return cond, self.condition(texts, self.time_ids(original_size, crop, None, negative_aesthetic_score))
-        zeros = self.zeros_like_text(cond, self.cfg.projection_dim)
+            neg_ids = self.time_ids(original_size, crop, None, negative_aesthetic_score)
+            return cond, self.condition(texts, neg_ids, **text)
         given = torch.tensor([bool(n) for n in negatives])
         if not given.any():
-            return cond, zeros
-        uncond = self.condition(texts, ids)
+            return cond, self.zeros_like_text(cond, self.cfg.projection_dim)
+        uncond = self.condition(texts, ids, **text)
+        zeros = self.zeros_like_text(uncond, self.cfg.projection_dim)  # a zero context: the same at any length
         pick = lambda k: torch.where(given.view(-1, *[1] * (uncond[k].ndim - 1)), uncond[k], zeros[k])  # noqa: E731
         return cond, {k: pick(k) for k in uncond}
 
@@ -300,6 +335,15 @@ class SDXLConditioner(nn.Module):
         for i, mod in enumerate(self.embedders):
             out.update({f"embedders.{i}.{k}": v for k, v in mod.original_state_dict().items()})
         return out
+
+
+def _vectors(v: Mapping[str, torch.Tensor], key: str, name: str, width: int | None) -> torch.Tensor:
+    """One encoder's textual-inversion vectors of embedding `name`; InputError when absent or of another width."""
+    if not isinstance(v, Mapping) or key not in v:
+        raise InputError(f"embedding {name} has no {key} vectors; SDXL needs an SDXL embedding (clip_l and clip_g)")
+    if width is not None and v[key].shape[-1] != width:
+        raise InputError(f"embedding {name}: its {key} vectors are {v[key].shape[-1]} wide, the encoder's {width}")
+    return v[key]
 
 
 __all__ = [
