@@ -210,14 +210,18 @@ def ref_encode(text, text_model, tok, pad, clip_skip=1, emphasis="original", sd2
                 z = inner.final_layer_norm(out.hidden_states[-clip_skip])
             else:
                 z = out.last_hidden_state
-        if emphasis in ("original", "no-norm"):
-            mult = torch.tensor(w)[None, :, None]
-            before = z.mean()
-            z = z * mult
-            if emphasis == "original":
-                z = z * (before / z.mean())
-        zs.append(z)
+        zs.append(ref_emphasis(z, w, emphasis))
     return torch.hstack(zs)
+
+
+def ref_emphasis(z, w, emphasis):
+    """A1111 sd_emphasis: Original multiplies by the weights and restores the mean, No norm only multiplies."""
+    if emphasis in ("original", "no-norm"):
+        before = z.mean()
+        z = z * torch.tensor(w)[None, :, None]
+        if emphasis == "original":
+            z = z * (before / z.mean())
+    return z
 
 
 PAD = {"sd1": 49407, "sd2": 0}

@@ -51,18 +51,52 @@ def embedding_files(path: str | Path) -> list[Path]:
     return [p]
 
 
-def load_embeddings(paths, width: int, encoder: str = "clip_l") -> dict[str, tuple[torch.Tensor, Path]]:
-    """{stem: (vectors [n, width], file)} of every embedding under ``paths``; a wrong width is an error."""
+def _files(paths):
+    """(file, state dict) of every embedding under ``paths``."""
     from latentgen.loading.safetensors import read_safetensors
 
-    out = {}
     for path in paths:
         for f in embedding_files(path):
-            vectors = embedding_vectors(read_safetensors(f)[0], str(f), encoder)
-            if vectors.shape[-1] != width:
-                raise CheckpointError(
-                    f"{f}: its vectors are {vectors.shape[-1]} wide but the text encoder's are {width}: the "
-                    "embedding was made for another model family"
-                )
-            out[f.stem] = (vectors, f)
+            yield f, read_safetensors(f)[0]
+
+
+def _check_width(vectors: torch.Tensor, width: int, f: Path, what: str = "text encoder's") -> None:
+    if vectors.shape[-1] != width:
+        raise CheckpointError(
+            f"{f}: its vectors are {vectors.shape[-1]} wide but the {what} are {width}: the embedding was made for "
+            "another model family"
+        )
+
+
+def load_embeddings(paths, width: int, encoder: str = "clip_l") -> dict[str, tuple[torch.Tensor, Path]]:
+    """{stem: (vectors [n, width], file)} of every embedding under ``paths``; a wrong width is an error."""
+    out = {}
+    for f, sd in _files(paths):
+        vectors = embedding_vectors(sd, str(f), encoder)
+        _check_width(vectors, width, f)
+        out[f.stem] = (vectors, f)
+    return out
+
+
+def load_sdxl_embeddings(paths, widths: Mapping[str, int]) -> dict[str, tuple[dict[str, torch.Tensor], Path]]:
+    """{stem: ({encoder: vectors [n, width]}, file)} for SDXL: ``widths`` maps ``clip_l`` / ``clip_g`` to each
+    encoder's width (the refiner: ``clip_g`` alone). Only SDXL files (``clip_l`` + ``clip_g``, one count n) fit:
+    an SD 1.x / 2.x embedding is refused, even where its width happens to match CLIP-L's."""
+    out = {}
+    for f, sd in _files(paths):
+        missing = [k for k in SDXL_KEYS if k not in sd]
+        if missing:
+            raise CheckpointError(
+                f"{f}: not an SDXL embedding (no {' / '.join(missing)} vectors; made for SD 1.x / 2.x?); use one "
+                "made for SDXL"
+            )
+        vectors = {k: embedding_vectors(sd, str(f), k) for k in SDXL_KEYS}
+        if vectors["clip_l"].shape[0] != vectors["clip_g"].shape[0]:
+            raise CheckpointError(
+                f"{f}: {vectors['clip_l'].shape[0]} clip_l vectors but {vectors['clip_g'].shape[0]} clip_g ones; "
+                "an SDXL embedding has as many of each"
+            )
+        for k, width in widths.items():
+            _check_width(vectors[k], width, f, f"{k} encoder's")
+        out[f.stem] = ({k: vectors[k] for k in widths}, f)
     return out

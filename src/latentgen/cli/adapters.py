@@ -18,9 +18,17 @@ LoraOpt = typer.Option(
 )
 LoraDirOpt = typer.Option(None, "--lora-dir", help="Folder searched for <lora:NAME> tags (repeatable).")
 EmbeddingOpt = typer.Option(
-    None, "--embedding", help="Textual-inversion embedding FILE or folder (repeatable); the prompt names it by stem."
+    None,
+    "--embedding",
+    help="Textual-inversion embedding FILE or folder (repeatable); the prompt names it by stem. SDXL: files with "
+    "clip_l and clip_g vectors.",
 )
-ClipSkipOpt = typer.Option(None, "--clip-skip", help="A1111's clip skip N: CLIP hidden state N-1 layers from the end.")
+ClipSkipOpt = typer.Option(
+    None,
+    "--clip-skip",
+    help="A1111's clip skip N: CLIP hidden state N-1 layers from the end (SD 1.x; SD 2.x and SDXL keep the "
+    "penultimate layer, as A1111; it is recorded).",
+)
 VaeOpt = typer.Option(
     None,
     "--vae",
@@ -48,7 +56,7 @@ class PromptAdapters:
     def __init__(
         self, sess, loras=None, lora_dirs=None, embeddings=None, clip_skip=None, emphasis=None, vae=None, recipe=None
     ):
-        from ..adapters.embeddings import load_embeddings
+        from ..adapters.embeddings import load_embeddings, load_sdxl_embeddings
         from ..adapters.lora import Merged
         from ..config import load_registry
         from ..text.prompts import check_options
@@ -77,18 +85,24 @@ class PromptAdapters:
         if not vae and rec.get("vae"):
             vae = str(recorded(rec["vae"], "VAE"))
         self.vectors = {}
+        kind = self.bundle.config.cond.kind
         if embeddings:
             cond = self.bundle.cond
-            if self.bundle.config.cond.kind not in ("clip", "open_clip"):
+            if kind == "sdxl":  # vectors per encoder: clip_l for CLIP-L (absent in the refiner), clip_g for bigG
+                widths = {"clip_l": cond.cfg.clip_l, "clip_g": cond.cfg.bigg}
+                widths = {k: c.hidden_size for k, c in widths.items() if c is not None}
+                self.vectors = load_sdxl_embeddings(embeddings, widths)
+            elif kind in ("clip", "open_clip"):
+                self.vectors = load_embeddings(embeddings, cond.cfg.hidden_size)
+            else:
                 raise ConfigError(f"--embedding needs a CLIP text encoder; {self.bundle.config.name} has none")
-            self.vectors = load_embeddings(embeddings, cond.cfg.hidden_size)
         self.vae = self._override_vae(vae)
         from .app import note
 
-        kind = self.bundle.config.cond.kind
-        if self.clip_skip > 1 and kind == "open_clip":
-            note("--clip-skip: SD 2.x already uses the penultimate layer; as A1111, it is not changed", sess.quiet)
-        if kind not in ("clip", "open_clip") and (self.clip_skip > 1 or self.emphasis != "original"):
+        if self.clip_skip > 1 and kind in ("open_clip", "sdxl"):
+            family = "SD 2.x" if kind == "open_clip" else "SDXL"
+            note(f"--clip-skip: {family} already uses the penultimate layer; as A1111, it is not changed", sess.quiet)
+        if kind not in ("clip", "open_clip", "sdxl") and (self.clip_skip > 1 or self.emphasis != "original"):
             note(
                 f"--clip-skip / --emphasis: {self.bundle.config.name} has no CLIP text encoder; prompts are read as "
                 "written",
