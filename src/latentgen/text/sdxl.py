@@ -226,8 +226,8 @@ class SDXLConditioner(nn.Module):
         if self.clip_l is None:
             return hidden_g, pooled
         hidden_l = self._encode_one(self.encode_l, self.clip_l, "clip_l", CLIP_EOS, prompts, emphasis, embeddings)
-        if hidden_l.shape[1] != hidden_g.shape[1]:  # both read the same text with the same BPE
-            raise RuntimeError(f"CLIP-L made {hidden_l.shape[1]} context tokens and bigG {hidden_g.shape[1]}")
+        if hidden_l.shape[1] != hidden_g.shape[1]:  # the same BPE chunks the text alike unless the counts differ
+            raise InputError("an SDXL embedding needs as many clip_l vectors as clip_g ones: its prompts chunk apart")
         return torch.cat([hidden_l, hidden_g.to(hidden_l.dtype)], dim=-1), pooled
 
     def _encode_one(self, encode, tower: CLIPEmbedder, key: str, pad: int, prompts, emphasis, embeddings):
