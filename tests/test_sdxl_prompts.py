@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from sdxl_reference import BASE, SDXL_DIR, base_components, tokenizers
 
 from latentgen import pipelines
+from latentgen.errors import InputError
 from latentgen.images import read_png_text
 from latentgen.pipelines import Settings
 
@@ -170,6 +171,18 @@ def test_plain_prompts_are_the_old_encoding_bit_for_bit_and_diffusers(base, comp
     pipe = _pipe("StableDiffusionXLPipeline", components, "euler", False)
     pe, _, pp, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
     assert (context - pe).abs().max().item() < 1e-5 and (pooled - pp).abs().max().item() < 1e-5
+
+
+def test_a_batch_pads_shorter_prompts_with_empty_chunks(base, components):  # noqa: F811
+    """A1111 pads a batch's shorter prompts with the empty chunk; each prompt pools its own first chunk."""
+    te, te2 = components["text_encoder"], components["text_encoder_2"]
+    context, pooled = base.cond.encode_text([BACKTRACK, WEIGHTED])
+    (long_pe, long_pp), (short_pe, short_pp), (empty_pe, _) = (ref_sdxl(t, te, te2) for t in (BACKTRACK, WEIGHTED, ""))
+    want = torch.cat([long_pe, torch.cat([short_pe, empty_pe], dim=1)])
+    assert context.shape == want.shape and (context - want).abs().max().item() < 1e-5
+    assert (pooled - torch.cat([long_pp, short_pp])).abs().max().item() < 1e-5
+    with pytest.raises(InputError, match="embedding mystyle has no clip_l vectors"):
+        base.cond.encode_text(["a mystyle"], embeddings={"mystyle": {"clip_g": torch.zeros(1, 128)}})
 
 
 # ---------------------------------------------------------------------------------------- textual inversion
