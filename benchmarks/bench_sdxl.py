@@ -220,6 +220,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--reps", type=int, default=2, help="timed calls per job (the fastest is reported)")
     ap.add_argument("--rounds", type=int, default=1, help="alternating rounds of each job (fresh processes)")
+    ap.add_argument("--jobs", default="unet,decode,e2e", help="comma list of the jobs to run: unet, decode, e2e")
     ap.add_argument("--tiny", action="store_true", help="dry run on the tiny sgm fixture at 128 px")
     ap.add_argument("--cache", default=str(HERE / ".cache"))
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
@@ -228,6 +229,8 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
+    if not {w.strip() for w in args.jobs.split(",") if w.strip()} <= {"unet", "decode", "e2e"}:
+        ap.error(f"--jobs {args.jobs!r}: use a comma list of unet, decode, e2e")
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     src, df, _ = prepare(cache, args.tiny)
@@ -238,14 +241,15 @@ def main() -> None:
         f"## SDXL base size ({'tiny fixture dry run' if args.tiny else 'random full-size weights'}), "
         f"{args.device}, {time.strftime('%Y-%m-%d')}",
         "",
-        f"`python benchmarks/bench_sdxl.py --device {args.device} --dtypes {args.dtypes} --steps {args.steps}`; "
+        f"`python benchmarks/bench_sdxl.py --device {args.device} --dtypes {args.dtypes} --steps {args.steps} "
+        f"--jobs {args.jobs} --reps {args.reps}`; "
         f"{bench.cpu_model() if args.device == 'cpu' else args.device}; {size}x{size}; fastest of {args.reps} "
         f"calls, {args.rounds} round(s). Ratio = latentgen / diffusers (target <= 0.8).",
         "",
     )
     rows = []
     for dt in dtypes:
-        for what in ("unet", "decode", "e2e"):
+        for what in [w.strip() for w in args.jobs.split(",") if w.strip()]:
             jobs = {
                 tool: {
                     "tool": tool,
