@@ -159,3 +159,72 @@ def tiny_refiner_unet(seed: int = 5):
         projection_class_embeddings_input_dim=128 + 5 * 256,
     )
     return randomize_(unet, seed).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# diffusers → the original single-file layout (sgm's openaimodel names), written independently of latentgen
+
+_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0"}
+_RESNET.update({"conv2": "out_layers.3", "conv_shortcut": "skip_connection"})
+_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2"}
+_TOP.update({"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"})
+_TOP.update({"conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"})
+
+
+def unet_to_original(unet) -> dict[str, torch.Tensor]:
+    """A diffusers UNet2DConditionModel's weights under the original names (`model.diffusion_model.*`): down
+    block i, layer j → input_blocks.{1 + i(L+1) + j} (.0 ResBlock, .1 SpatialTransformer), its downsampler
+    → input_blocks.{(i+1)(L+1)}.0.op; up block i, layer j → output_blocks.{i(L+1) + j}, the upsampler after
+    the attention (.2) or the ResBlock (.1); the transformers' inner names are the same in both."""
+    per = unet.config.layers_per_block + 1
+
+    def block(name: str) -> str:
+        parts = name.split(".")
+        kind, i = parts[0], int(parts[1]) if parts[0] != "mid_block" else 0
+        if kind == "mid_block":
+            sub, j, rest = parts[1], int(parts[2]), parts[3:]
+            return ".".join([f"middle_block.{2 * j if sub == 'resnets' else 1}", *_inner(sub, rest)])
+        sub, j, rest = parts[2], int(parts[3]), parts[4:]
+        if kind == "down_blocks":
+            if sub == "downsamplers":
+                return ".".join([f"input_blocks.{(i + 1) * per}.0.op", *rest[1:]])
+            return ".".join([f"input_blocks.{1 + i * per + j}.{0 if sub == 'resnets' else 1}", *_inner(sub, rest)])
+        if sub == "upsamplers":
+            has_attn = hasattr(unet.up_blocks[i], "attentions")
+            return ".".join([f"output_blocks.{i * per + per - 1}.{2 if has_attn else 1}", *rest])
+        return ".".join([f"output_blocks.{i * per + j}.{0 if sub == 'resnets' else 1}", *_inner(sub, rest)])
+
+    out = {}
+    for name, value in unet.state_dict().items():
+        head, _, leaf = name.rpartition(".")
+        key = _TOP[head] + "." + leaf if head in _TOP else block(name)
+        out["model.diffusion_model." + key] = value.detach().clone()
+    return out
+
+
+def _inner(sub: str, rest: list[str]) -> list[str]:
+    if sub == "resnets":
+        return [_RESNET[rest[0]], *rest[1:]]
+    return rest
+
+
+def key_template(key: str) -> str:
+    """A key with its block and layer numbers removed, to compare tiny and full-size layouts."""
+    import re
+
+    return re.sub(r"\.\d+(?=\.)", ".N", key)
+
+
+def refiner_single_file(unet, path: Path) -> Path:
+    """A tiny sd_xl_refiner in the original single-file layout: `unet` (diffusers) converted, the fixture's
+    first stage, and its bigG tower moved to `conditioner.embedders.0` (the refiner's only text encoder), as
+    the refiner's components of `tiny_refiner_parts` are."""
+    from safetensors.torch import save_file
+
+    ckpt = fixture_ckpt()
+    sd = unet_to_original(unet)
+    sd.update({k: v for k, v in ckpt.items() if k.startswith("first_stage_model.")})
+    g = "conditioner.embedders.1."
+    sd.update({"conditioner.embedders.0." + k[len(g) :]: v for k, v in ckpt.items() if k.startswith(g)})
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return path

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from sdxl_reference import BASE, SDXL_DIR
+from sdxl_reference import BASE, SDXL_DIR, key_template, refiner_single_file, tiny_refiner_unet
 
 from latentgen.errors import CheckpointError
 from latentgen.loading.bundle import bundle_from_raw, describe, load_model, save_model
@@ -53,6 +53,27 @@ def test_full_size_key_lists_load_strictly(keys, variant, context, adm, depth):
     ours.update({"conditioner." + k: list(v.shape) for k, v in bundle.cond.original_state_dict().items()})
     unused = ("denoiser.sigmas", "position_ids", "logit_scale")
     assert ours == {k: v for k, v in shapes.items() if not k.endswith(unused)}
+
+
+def test_tiny_refiner_single_file_has_the_original_layout(tmp_path):
+    """The test helper's tiny sd_xl_refiner: the names of the full-size refiner (up to block and layer numbers),
+    which diffusers' own single-file converter maps back to the diffusers UNet it was made from; latentgen reads
+    it from the file alone as a refiner."""
+    pytest.importorskip("diffusers")
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    unet = tiny_refiner_unet()
+    path = refiner_single_file(unet, tmp_path / "refiner.safetensors")
+    sd = load_file(str(path))
+    full = json.loads((SDXL_DIR / "sdxl-refiner-keys.json").read_text())
+    assert {key_template(k) for k in sd} == {key_template(k) for k in full} - {"denoiser.sigmas"}
+    back = convert_ldm_unet_checkpoint(sd, dict(unet.config))
+    want = unet.state_dict()
+    assert back.keys() == want.keys() and all(torch.equal(back[k], want[k]) for k in want)
+    bundle = load_model(str(path))
+    d = describe(bundle)
+    assert (d["variant"], d["context_dim"], bundle.config.unet.adm_in_channels) == ("sdxl-refiner", 128, 1408)
+    assert bundle.config.unet.num_head_channels == 64 and bundle.config.prediction_source == "default"
 
 
 def test_own_file_round_trip(tmp_path):

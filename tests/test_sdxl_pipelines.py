@@ -8,7 +8,15 @@ import pytest
 import torch
 from helpers_models import max_scaled_err
 from safetensors.torch import load_file, save_file
-from sdxl_reference import BASE, SDXL_DIR, base_components, base_config, save_folder, tiny_refiner_unet
+from sdxl_reference import (
+    BASE,
+    SDXL_DIR,
+    base_components,
+    base_config,
+    refiner_single_file,
+    save_folder,
+    tiny_refiner_unet,
+)
 
 from latentgen import pipelines
 from latentgen.denoiser import CFGDenoiser, Denoiser
@@ -132,17 +140,30 @@ def test_diffusers_folder_equals_single_file(base, components, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def refiner(components, tmp_path_factory):
-    """A tiny random refiner (diffusers classes) sharing the fixture's VAE and bigG, as a diffusers folder."""
-    parts = dict(
+def refiner_parts(components):
+    """A tiny random refiner UNet (diffusers classes) with the fixture's VAE and bigG: the diffusers refiner."""
+    return dict(
         unet=tiny_refiner_unet(),
         vae=components["vae"],
         text_encoder_2=components["text_encoder_2"],
         tokenizer_2=components["tokenizer_2"],
+        text_encoder=None,
+        tokenizer=None,
     )
-    folder = tmp_path_factory.mktemp("refiner") / "d"
-    save_folder(parts, folder, _scheduler("euler", False, "epsilon"), requires_aesthetics_score=True)
-    return load_model(str(folder)), {**parts, "text_encoder": None, "tokenizer": None}
+
+
+@pytest.fixture(scope="module", params=["folder", "file"])
+def refiner(refiner_parts, tmp_path_factory, request):
+    """The tiny refiner loaded by latentgen as a diffusers folder, or as an original single file (the UNet's
+    names converted by sdxl_reference.unet_to_original; bigG at conditioner.embedders.0) read from the file
+    alone; with its diffusers components."""
+    tmp = tmp_path_factory.mktemp("refiner")
+    if request.param == "file":
+        path = refiner_single_file(refiner_parts["unet"], tmp / "sdxl-refiner-tiny.safetensors")
+    else:
+        parts = {k: v for k, v in refiner_parts.items() if v is not None}
+        path = save_folder(parts, tmp / "d", _scheduler("euler", False, "epsilon"), requires_aesthetics_score=True)
+    return load_model(str(path)), refiner_parts
 
 
 def _image(n=1):
