@@ -82,3 +82,23 @@ def test_target_size_and_bad_options(sd1):
     ):
         with pytest.raises(ConfigError, match=needle):
             h.check()
+
+
+def test_hires_pass_too_large_is_refused_before_the_first_pass(sd1, monkeypatch):
+    """The memory guard checks the second pass's size: a first pass that fits, an 8x hires pass that does not,
+    refused with one line naming --hires before any latent is drawn."""
+    from latentgen import memory
+    from latentgen.errors import InputError
+
+    st = Settings(steps=2, sampler="euler")
+    est = lambda side: memory.estimate(sd1.config, 1, side, side, 4, tile=pipelines.AUTO_TILE).total  # noqa: E731
+    monkeypatch.setattr(memory, "available_memory", lambda device=None: int((est(64) + est(512)) / 2 / memory.HEADROOM))
+
+    def no_noise(*a, **k):
+        raise AssertionError("latents allocated before the memory check")
+
+    monkeypatch.setattr(pipelines, "randn", no_noise)
+    with pytest.raises(InputError, match=r"^--hires 8 \(512x512\): 1 image of 512x512 need about .* lower --hires$"):
+        txt2img_hires(sd1, ["a"], [""], [1], 64, 64, st, Hires(8.0))
+    with pytest.raises(AssertionError, match="latents allocated"):  # 2x fits: goes on to draw the noise
+        txt2img_hires(sd1, ["a"], [""], [1], 64, 64, st, Hires(2.0))

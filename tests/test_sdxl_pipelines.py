@@ -262,6 +262,42 @@ def test_inpaint_matches_diffusers(inpainting, sampler, strength):
     assert_images_match(ours, ref.images)
 
 
+@pytest.mark.parametrize("upscaler,mode", [("latent", "bilinear"), ("latent-bicubic", "bicubic")])
+def test_hires_fix_matches_diffusers(base, components, upscaler, mode):
+    """Hires fix on SDXL = diffusers' StableDiffusionXLPipeline (output_type="latent") + the same interpolation
+    of the latent + StableDiffusionXLImg2ImgPipeline at the upscaled size, fresh generators from the seeds. The
+    second pass conditions on original = target = the upscaled size (A1111's hires pass; diffusers' img2img
+    default from the latent's size)."""
+    from latentgen.hires import Hires, txt2img_hires
+
+    base_pipe = _pipe("StableDiffusionXLPipeline", components, "euler", False)
+    img_pipe = _pipe("StableDiffusionXLImg2ImgPipeline", components, "euler", False)
+    z = base_pipe(
+        PROMPTS,
+        height=H,
+        width=W,
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        generator=_gens(SEEDS),
+        output_type="latent",
+    ).images
+    up = torch.nn.functional.interpolate(z, size=(H * 3 // 16, W * 3 // 16), mode=mode, align_corners=False)
+    ref = img_pipe(
+        PROMPTS,
+        image=up,
+        strength=0.5,
+        num_inference_steps=6,
+        guidance_scale=5.0,
+        generator=_gens(SEEDS),
+        output_type="np",
+    ).images
+    st = Settings(steps=4, sampler="euler", karras=False, cfg=5.0)
+    hires = Hires(scale=1.5, steps=6, strength=0.5, upscaler=upscaler)
+    ours = txt2img_hires(base, PROMPTS, [""] * 2, SEEDS, W, H, st, hires)
+    assert ours.shape == (2, 3, H * 3 // 2, W * 3 // 2)
+    assert_images_match(ours, ref)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 3. the VAE in half precision
 

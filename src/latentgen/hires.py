@@ -4,7 +4,9 @@ The first pass makes the composition at the size the model was trained for; its 
 latent space (`latent*`: interpolation of the scaled latent, as A1111's "Latent" upscalers) or in pixel space
 (`lanczos`: decode, Lanczos-resize, encode); the second pass is SDEdit at `strength` with fresh noise from each
 image's seed, optionally with its own sampler, step count and prompt. Large images decode in tiles
-(pipelines.decode), so any family works at any scale memory allows.
+(pipelines.decode), so any family works at any scale memory allows; the memory guard checks the second pass's
+size before the first pass runs. SDXL's second pass conditions on its own (upscaled) size, as A1111's hires pass
+does (original = target = the upscaled size, unless --original-size / --target-size are given).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import pipelines
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 from .infotext import HIRES_UPSCALERS
 from .loading.bundle import ModelBundle
 
@@ -96,8 +98,12 @@ def txt2img_hires(
     """Images of the target size (target_size) in [0, 1]: first pass at width × height, then the hires pass."""
     hires.check()
     second = hires.second_pass(settings)
-    z = pipelines.txt2img_latent(bundle, prompts, negatives, seeds, width, height, settings, callback)
     w2, h2 = target_size(bundle, width, height, hires.scale)
+    try:  # the second pass is the larger job: refuse it before the first pass runs
+        pipelines.guard_memory(bundle, len(seeds), w2, h2, second)
+    except InputError as e:
+        raise InputError(f"--hires {hires.scale:g} ({w2}x{h2}): {e}, or a lower --hires") from None
+    z = pipelines.txt2img_latent(bundle, prompts, negatives, seeds, width, height, settings, callback)
     up, gens = upscale_latent(bundle, z, w2, h2, hires.upscaler, seeds, settings.rng)
     p2 = [hires.prompt] * len(seeds) if hires.prompt is not None else prompts
     n2 = [hires.negative] * len(seeds) if hires.negative is not None else negatives
