@@ -228,3 +228,15 @@ def refiner_single_file(unet, path: Path) -> Path:
     sd.update({"conditioner.embedders.0." + k[len(g) :]: v for k, v in ckpt.items() if k.startswith(g)})
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     return path
+
+
+def inpaint_single_file(path: Path) -> torch.Tensor:
+    """The fixture with a random 9-channel first convolution ([latent, mask, masked-image latent]): an SDXL
+    inpainting single file. Returns that convolution's weight."""
+    from safetensors.torch import save_file
+
+    sd = fixture_ckpt()
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    sd[key] = torch.randn(sd[key].shape[0], 9, 3, 3, generator=torch.Generator().manual_seed(3)) / 9
+    save_file(sd, str(path))
+    return sd[key]

@@ -5,6 +5,7 @@ refiner ensemble, img2img with a refiner alone, encode / decode, the 1024² defa
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,7 +13,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sdxl_reference import BASE, SDXL_DIR, base_components, save_folder, tiny_refiner_unet
+from sdxl_reference import (
+    BASE,
+    SDXL_DIR,
+    base_components,
+    inpaint_single_file,
+    refiner_single_file,
+    save_folder,
+    tiny_refiner_unet,
+)
 from typer.testing import CliRunner
 
 from latentgen import pipelines
@@ -47,6 +56,13 @@ def refiner_dir(tmp_path_factory):
     )
     folder = tmp_path_factory.mktemp("refiner") / "refiner"
     return str(save_folder(parts, folder, _scheduler("euler", False, "epsilon"), requires_aesthetics_score=True))
+
+
+@pytest.fixture(scope="module")
+def refiner_file(tmp_path_factory):
+    """The tiny refiner as an original single file (sd_xl_refiner's layout), read from the file alone."""
+    pytest.importorskip("diffusers")
+    return str(refiner_single_file(tiny_refiner_unet(), tmp_path_factory.mktemp("refiner") / "refiner.safetensors"))
 
 
 def packed(path):
@@ -135,6 +151,108 @@ def test_refiner_ensemble_and_refiner_alone(refiner_dir):
     st = Settings(steps=4, cfg=5.0, strength=0.5, aesthetic_score=7.5)
     want = pipelines.img2img(ref, img, ["a fox"], [""], [3], st)[0]
     assert np.array_equal(pixels("r.png"), as_png_pixels(want))
+
+
+def test_refiner_stays_loaded_for_a_batch(refiner_file, monkeypatch):
+    """A 2-item JSON-lines batch with --refiner (a single file): the base and the refiner are each loaded once,
+    and every item gets the ensemble's image."""
+    from latentgen.loading import bundle as bundle_mod
+
+    loads = []
+    real = bundle_mod.bundle_from_raw
+    monkeypatch.setattr(bundle_mod, "bundle_from_raw", lambda raw, **kw: loads.append(raw.path) or real(raw, **kw))
+    lines = '{"prompt": "a fox", "out": "p.png"}\n{"prompt": "a cat", "out": "q.png"}\n'
+    args = ["txt2img", "-", *map(str, COMMON), "--seed", 4, "--refiner", refiner_file, "--refiner-start", 0.6]
+    r = CliRunner().invoke(app, [str(a) for a in args], input=lines)
+    assert r.exit_code == 0, r.stderr
+    assert sorted(loads) == sorted([str(BASE), refiner_file])
+    st = Settings(steps=3, cfg=5.0)
+    base, ref = packed(str(BASE)), packed(refiner_file)
+    want = pipelines.txt2img(base, ["a cat"], [""], [5], 72, 40, st, refiner=ref, refiner_start=0.6)[0]
+    assert np.array_equal(pixels("q.png"), as_png_pixels(want))
+    assert json.loads(read_png_text("q.png")["latentgen"])["refiner"] == refiner_file
+
+
+def test_refiner_that_cannot_fit_is_one_line(refiner_file, monkeypatch):
+    """Weights that cannot fit beside the base (a small memory limit), or a load that runs out of memory: one
+    line naming --refiner and the way out, exit 2, nothing written."""
+    from latentgen import memory
+    from latentgen.loading import bundle as bundle_mod
+
+    args = ["txt2img", "x", *COMMON, "--refiner", refiner_file, "--out", "o.png"]
+    monkeypatch.setattr(memory, "available_memory", lambda device=None: 2**20)
+    r = cli(*args)
+    monkeypatch.undo()
+    real = bundle_mod.bundle_from_raw
+
+    def oom(raw, **kw):
+        if raw.path == refiner_file:
+            raise MemoryError
+        return real(raw, **kw)
+
+    monkeypatch.setattr(bundle_mod, "bundle_from_raw", oom)
+    r2 = cli(*args)
+    for res, why in (
+        (r, r"its weights take at least \d+ MiB, 1 MiB is available"),
+        (r2, "loading it ran out of memory"),
+    ):
+        assert res.exit_code == 2, (res.stderr, res.exception)
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and re.search(
+            f"--refiner .*: not enough memory for the base and the refiner together \\({why}\\); run the base alone",
+            lines[0],
+        ), lines
+        assert res.stdout == "" and not Path("o.png").exists()
+
+
+def test_info_names_single_file_refiner_and_inpaint(refiner_file, tmp_path):
+    inpaint = tmp_path / "inpaint.safetensors"
+    inpaint_single_file(inpaint)
+    for path, name, read in (
+        (refiner_file, "sdxl-refiner", "read bigG text encoders, vector 1408, UNet in 4 channels"),
+        (inpaint, "sdxl-inpaint", "read CLIP-L + bigG text encoders, vector 1664, UNet in 9 channels"),
+        (BASE, "sdxl-base", "read CLIP-L + bigG text encoders, vector 1664, UNet in 4 channels"),
+    ):
+        r = cli("info", path)
+        assert r.exit_code == 0, r.stderr
+        family = next(line for line in r.stdout.splitlines() if line.startswith("family"))
+        assert f"sdxl ({name}: {read}; assumed 64 channels per head, eps prediction" in family, family
+        assert json.loads(cli("info", path, "--json").stdout)["variant"] == name
+
+
+def test_inpaint_from_single_file():
+    """`latentgen inpaint --model FILE` on the SDXL inpainting single file (9-channel UNet, read from the file
+    alone) gives pipelines.inpaint's image (itself = diffusers' StableDiffusionXLInpaintPipeline)."""
+    inpaint_single_file(Path("inpaint.safetensors"))
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (40, 72, 3), dtype=np.uint8)).save("in.png")
+    mask = np.zeros((40, 72), dtype=np.uint8)
+    mask[8:32, 16:56] = 255
+    Image.fromarray(mask).save("mask.png")
+    r = cli(
+        "inpaint",
+        "in.png",
+        "a hat",
+        "--mask",
+        "mask.png",
+        "--model",
+        "inpaint.safetensors",
+        "--dtype",
+        "fp32",
+        "--steps",
+        3,
+        "--seed",
+        6,
+        "--out",
+        "o.png",
+    )
+    assert r.exit_code == 0, r.stderr
+    img = torch.from_numpy(pixels("in.png")).permute(2, 0, 1)[None].float() / 255
+    m = torch.from_numpy(mask)[None, None].float() / 255
+    want = pipelines.inpaint(
+        packed("inpaint.safetensors"), img, m, ["a hat"], [""], [6], Settings(steps=3, cfg=5.0, strength=1.0)
+    )
+    assert np.array_equal(pixels("o.png"), as_png_pixels(want[0]))
 
 
 def test_encode_decode_round_trip():

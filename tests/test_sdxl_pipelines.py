@@ -7,12 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers_models import max_scaled_err
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from sdxl_reference import (
     BASE,
     SDXL_DIR,
     base_components,
     base_config,
+    inpaint_single_file,
     refiner_single_file,
     save_folder,
     tiny_refiner_unet,
@@ -225,14 +226,11 @@ def test_base_and_refiner_ensemble_matches_diffusers(base, components, refiner, 
 def inpainting(components, tmp_path_factory):
     """The fixture with a random 9-channel first convolution ([latent, mask, masked-image latent]), as an SDXL
     inpainting file; the same weights as a diffusers UNet."""
-    sd = load_file(str(BASE))
-    key = "model.diffusion_model.input_blocks.0.0.weight"
-    sd[key] = torch.randn(sd[key].shape[0], 9, 3, 3, generator=torch.Generator().manual_seed(3)) / 9
     path = tmp_path_factory.mktemp("inpaint") / "sdxl-inpaint-tiny.safetensors"
-    save_file(sd, str(path))
+    conv_in = inpaint_single_file(path)
     unet = diffusers.UNet2DConditionModel.from_config({**components["unet"].config, "in_channels": 9})
     state = components["unet"].state_dict()
-    state["conv_in.weight"] = sd[key]
+    state["conv_in.weight"] = conv_in
     unet.load_state_dict(state, strict=True)
     return load_model(str(path)), {**components, "unet": unet.eval()}
 

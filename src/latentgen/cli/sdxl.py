@@ -125,25 +125,48 @@ def load_refiner(sess, refiner: Optional[str], refiner_start: Optional[float], l
         raise ConfigError(f"--refiner: model {sess.bundle.config.name} is not an SDXL base; use an SDXL base --model")
     import torch
 
-    from ..loading.bundle import load_model
+    from ..config import resolve_model
+    from ..loading.bundle import bundle_from_raw, resolve_config
+    from ..loading.files import read_checkpoint
     from ..loading.sdxl import variant
     from ..loading.weights import prepack_convs
     from ..pipelines import is_out_of_memory
 
+    path, entry = resolve_model(refiner)
+    raw = read_checkpoint(path)  # memory-mapped: nothing is loaded before the checks
+    cfg = resolve_config(raw, entry=entry)[0]
+    if variant(cfg) != "sdxl-refiner":
+        raise ConfigError(f"--refiner {refiner} is {variant(cfg) or cfg.family}, not an SDXL refiner")
+    check_refiner_fits(raw, refiner, sess.device, sess.dtype)
     try:
-        bundle = load_model(refiner, device=sess.device, dtype=sess.dtype, low_memory=low_memory, weights=sess.weights)
+        bundle = bundle_from_raw(
+            raw, entry=entry, device=sess.device, dtype=sess.dtype, low_memory=low_memory, weights=sess.weights
+        )
     except (MemoryError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not is_out_of_memory(e):
             raise
-        raise ConfigError(
-            f"--refiner {refiner}: not enough memory for the base and the refiner together; run the base alone, "
-            "then `latentgen img2img --model REFINER` on its images"
-        ) from None
-    if variant(bundle.config) != "sdxl-refiner":
-        raise ConfigError(
-            f"--refiner {refiner} is {variant(bundle.config) or bundle.config.family}, not an SDXL refiner"
-        )
+        raise ConfigError(no_room_for_refiner(refiner, "loading it ran out of memory")) from None
     if sess.device == "cpu" and sess.dtype == torch.float32:  # as the Session does for the base
         for m in (bundle.unet, bundle.first_stage):
             prepack_convs(m)
     return bundle, start
+
+
+def no_room_for_refiner(refiner: str, why: str) -> str:
+    return (
+        f"--refiner {refiner}: not enough memory for the base and the refiner together ({why}); run the base "
+        "alone, then `latentgen img2img --model REFINER` on its images"
+    )
+
+
+def check_refiner_fits(raw, refiner: str, device, dtype) -> None:
+    """Refuse, before loading it, a refiner whose weights alone cannot fit in the memory left beside the loaded
+    base: counted at the least they can take (as stored or in `dtype`, whichever is smaller), so a refiner that
+    fits is never refused; the sampling's own memory is guarded per job (pipelines.guard_memory)."""
+    from .. import memory
+
+    need = sum(t.numel() * min(t.element_size(), dtype.itemsize) for t in raw.tensors.values() if t.is_floating_point())
+    avail = memory.available_memory(device)
+    if avail is not None and need > memory.HEADROOM * avail:
+        why = f"its weights take at least {memory.gib(need)}, {memory.gib(avail)} is available"
+        raise ConfigError(no_room_for_refiner(refiner, why))
