@@ -6,6 +6,7 @@ takes the first entry whose end step is >= k)."""
 import numpy as np
 import pytest
 import torch
+from sdxl_reference import BASE, base_components
 from test_cli import cli, pixels
 from test_pipelines import _sd_pipeline, _test_image, assert_images_match
 from tiny_models import sd1_from_fixture
@@ -112,30 +113,33 @@ def _texts_at(call: int, total: int) -> tuple[list[str], list[str]]:
     return [p0, p1], [neg, neg]
 
 
-def _diffusers_with_swaps(pipe, total: int, prompts_at, **kw):
-    """The diffusers pipeline with prompt_embeds replaced after every model call by those of the next call."""
+def _sd_embeds(pipe, p, n):
+    pos, neg = pipe.encode_prompt(p, "cpu", 1, True, n)
+    return {"prompt_embeds": torch.cat([neg, pos])}
+
+
+def _sdxl_embeds(pipe, p, n):
+    pos, neg, pooled, neg_pooled = pipe.encode_prompt(p, device="cpu", negative_prompt=n)
+    return {"prompt_embeds": torch.cat([neg, pos]), "add_text_embeds": torch.cat([neg_pooled, pooled])}
+
+
+def _diffusers_with_swaps(pipe, total: int, prompts_at, embeds=_sd_embeds, **kw):
+    """The diffusers pipeline with its text embeddings replaced after every model call by those of the next."""
     cache = {}
 
-    def embeds(call):
-        p, n = prompts_at(call, total)
-        key = (tuple(p), tuple(n))
-        if key not in cache:
-            pos, neg = pipe.encode_prompt(p, "cpu", 1, True, n)
-            cache[key] = torch.cat([neg, pos])
-        return cache[key]
-
     def swap(pipe_, i, t, tensors):
-        return {"prompt_embeds": embeds(i + 1)}
+        p, n = prompts_at(i + 1, total)
+        key = (tuple(p), tuple(n or ()))
+        if key not in cache:
+            cache[key] = embeds(pipe, p, n)
+        return dict(cache[key])  # diffusers pops from it
 
     p, n = prompts_at(0, total)
+    inputs = list(embeds(pipe, p, n))
     return pipe(
-        p,
-        negative_prompt=n,
-        callback_on_step_end=swap,
-        callback_on_step_end_tensor_inputs=["prompt_embeds"],
-        output_type="np",
+        p, negative_prompt=n, callback_on_step_end=swap, callback_on_step_end_tensor_inputs=inputs, output_type="np",
         **kw,
-    ).images
+    ).images  # fmt: skip
 
 
 @pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "heun"])
@@ -171,6 +175,32 @@ def test_img2img_counts_from_the_first_step_it_runs(sd1):
     )  # fmt: skip
     st = Settings(steps=10, sampler="euler", karras=False, spacing="leading", cfg=5.0, strength=0.5)
     assert_images_match(pipelines.img2img(sd1[0], img, prompt, ["blurry"], [99], st), ref)
+
+
+@pytest.mark.skipif(not BASE.exists(), reason=f"SDXL fixtures not found at {BASE}")
+def test_sdxl_edits_match_diffusers_swapping_embeddings():
+    """SDXL conditioning is a dict (context and the pooled vector y): both follow the schedule."""
+    from diffusers import StableDiffusionXLPipeline
+    from test_pipelines import _scheduler
+
+    from latentgen.loading.bundle import load_model
+
+    prompts = ["a red [cube:sphere:0.5] on a table", "an oil [painting|photo] of a lighthouse"]
+
+    def texts_at(call, total):
+        first = "a red cube on a table" if call <= total // 2 else "a red sphere on a table"
+        return [first, f"an oil {['painting', 'photo'][(max(call, 1) - 1) % 2]} of a lighthouse"], None
+
+    pipe = StableDiffusionXLPipeline(
+        **base_components(), scheduler=_scheduler("euler", False, "epsilon"), add_watermarker=False
+    )
+    gens = [torch.Generator("cpu").manual_seed(s) for s in (3, 4)]
+    ref = _diffusers_with_swaps(
+        pipe, 4, texts_at, _sdxl_embeds, height=64, width=128, num_inference_steps=4, guidance_scale=5.0,
+        generator=gens,
+    )  # fmt: skip
+    st = Settings(steps=4, sampler="euler", karras=False, cfg=5.0)
+    assert_images_match(pipelines.txt2img(load_model(str(BASE)), prompts, ["", ""], [3, 4], 128, 64, st), ref)
 
 
 def test_plain_prompts_take_todays_path_bit_for_bit(sd1):
