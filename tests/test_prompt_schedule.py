@@ -14,7 +14,7 @@ from tiny_models import sd1_from_fixture
 from latentgen import hires, pipelines
 from latentgen.images import read_png_text
 from latentgen.pipelines import Settings
-from latentgen.text.schedule import BatchSchedule, prompt_schedule, schedule_steps
+from latentgen.text.schedule import BatchSchedule, ScheduledConditioning, prompt_schedule, schedule_steps
 
 # modules/prompt_parser.py, get_learned_conditioning_prompt_schedules' doctests (A1111 1.10, 10 steps)
 A1111_DOCTESTS = [
@@ -96,6 +96,25 @@ def test_call_counting_and_step_counts():
         16,
         16,
     ]
+
+
+def test_conditioning_swaps_per_model_call_and_a_second_run_continues_the_count():
+    class Guided:  # reports the text rows it was handed, and that other kwargs pass through
+        def __call__(self, x, sigma, *, cond, uncond=None, cond_scale=1.0):
+            return (float(cond["context"][0]), float(uncond["context"][0]), cond["concat"])
+
+        def with_uncond(self, x, sigma, **kw):
+            return self(x, sigma, **kw)
+
+    prompts, negatives = BatchSchedule.of(["[a:b:2]"], 4), BatchSchedule.of(["[u|v]"], 4)
+    tables = {"context": torch.tensor([[0.0], [1.0]])}, {"context": torch.tensor([[10.0], [11.0]])}
+    first = ScheduledConditioning(prompts, tables[0], negatives, tables[1])
+    model, kw = first.wrap(Guided()), {"cond": {"context": None, "concat": "c"}, "uncond": {"context": None}}
+    got = [model(0, 0, **kw), model.with_uncond(0, 0, **kw), model(0, 0, **kw)]
+    assert got == [(0.0, 10.0, "c"), (0.0, 10.0, "c"), (0.0, 11.0, "c")] and first.calls == 3
+    second = ScheduledConditioning(prompts, tables[0], negatives, tables[1])  # e.g. the SDXL refiner's run
+    second.calls = first.calls
+    assert [second.wrap(Guided())(0, 0, **kw) for _ in range(2)] == [(1.0, 10.0, "c"), (1.0, 11.0, "c")]
 
 
 # ----------------------------------------------------------------------------------------- sampling
