@@ -22,6 +22,7 @@ from . import pipelines
 from .errors import ConfigError, InputError
 from .infotext import HIRES_UPSCALERS
 from .loading.bundle import ModelBundle
+from .text.schedule import schedule_steps
 
 UPSCALERS = tuple(HIRES_UPSCALERS)  # latent, latent-bicubic, latent-antialiased, lanczos
 MAX_SCALE = 8.0
@@ -107,4 +108,5 @@ def txt2img_hires(
     up, gens = upscale_latent(bundle, z, w2, h2, hires.upscaler, seeds, settings.rng)
     p2 = [hires.prompt] * len(seeds) if hires.prompt is not None else prompts
     n2 = [hires.negative] * len(seeds) if hires.negative is not None else negatives
-    return pipelines.decode(bundle, pipelines.img2img_latent(bundle, up, p2, n2, gens, second, callback))
+    first = schedule_steps(settings.steps, settings.sampler)  # prompt editing counts on from the first pass
+    return pipelines.decode(bundle, pipelines.img2img_latent(bundle, up, p2, n2, gens, second, callback, first))

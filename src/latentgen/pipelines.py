@@ -38,6 +38,7 @@ from .samplers import get_sampler, randn
 from .schedulers import check_scheduler, default_scheduler
 from .text import prompts as prompts_mod
 from .text.prompts import check_options as check_prompt_options
+from .text.schedule import BatchSchedule, ScheduledConditioning, schedule_steps
 
 
 @dataclass
@@ -184,6 +185,37 @@ def encode_prompts(
     return {"context": ctx}, unc
 
 
+EDITED_KINDS = ("clip", "open_clip", "sdxl")  # the conditioners that read A1111's prompt syntax
+
+
+def encode_conditioning(
+    bundle: ModelBundle,
+    prompts: list,
+    negatives: list,
+    settings: Settings,
+    sdxl: dict | None = None,
+    first_pass: int | None = None,
+) -> tuple[dict, dict | None, ScheduledConditioning | None]:
+    """`encode_prompts` with A1111's prompt editing and alternation (text.schedule): (cond, uncond, edits), where
+    edits, when a prompt or negative changes during the run, swaps the text conditioning per model call (else
+    None, and the conditioning is encode_prompts' own). The schedules cover `settings.steps` (twice that for the
+    samplers A1111 counts as second order); `first_pass`: the hires pass's first-pass schedule steps. Every
+    distinct text is encoded once, the prompts' and the negatives' in one call (each list padded to the other's
+    length with its last text, which no call uses)."""
+    guided = settings.cfg != 1.0
+    if bundle.config.cond.kind in EDITED_KINDS:
+        steps = schedule_steps(settings.steps, settings.sampler)
+        ps, ns = BatchSchedule.of(prompts, steps, first_pass), BatchSchedule.of(negatives, steps, first_pass)
+        if ps.edited or (guided and ns.edited):
+            n = max(len(ps.texts), len(ns.texts))
+            pad = lambda t: t + t[-1:] * (n - len(t))  # noqa: E731
+            table, utable = encode_prompts(bundle, pad(ps.texts), pad(ns.texts), settings, sdxl)
+            edits = ScheduledConditioning(ps, table, ns if guided else None, utable)
+            return edits.at("cond"), edits.at("uncond") if guided else None, edits
+        prompts, negatives = [ps.texts[r[0][1]] for r in ps.rows], [ns.texts[r[0][1]] for r in ns.rows]
+    return (*encode_prompts(bundle, prompts, negatives, settings, sdxl), None)
+
+
 def sdxl_conditioning(bundle: ModelBundle, settings: Settings, width: int, height: int) -> dict | None:
     """SDXL's size (and, for the refiner, aesthetic) conditioning in (h, w) / (top, left) order, with diffusers'
     defaults: original = target = the output size, crop 0,0. None for other families."""
@@ -202,11 +234,11 @@ def sdxl_conditioning(bundle: ModelBundle, settings: Settings, width: int, heigh
 # -------------------------------------------------------------------------------------------- sampling
 
 
-def _sample(bundle, x, sigmas, settings, cond, uncond, gens, callback, wrap=None):
+def _sample(bundle, x, sigmas, settings, cond, uncond, gens, callback, wrap=None, edits=None):
     den = Denoiser(
         bundle.unet, bundle.schedule, bundle.config.prediction, quantize=quantize_timesteps(settings.sampler)
     )
-    model = CFGDenoiser(den)
+    model = CFGDenoiser(den) if edits is None else edits.wrap(CFGDenoiser(den))
     if wrap is not None:
         model = wrap(model)
     fn = get_sampler(settings.sampler)
@@ -525,15 +557,17 @@ def txt2img_latent(
     noise, gens = initial_noise(latent_shape(bundle, len(seeds), width, height), seeds, gens, settings, device)
     x = prepare_noise(noise, sigmas, settings.sampler, settings.spacing)
     sdxl = sdxl_conditioning(bundle, settings, width, height)
-    cond, uncond = encode_prompts(bundle, prompts, negatives, settings, sdxl)
+    cond, uncond, edits = encode_conditioning(bundle, prompts, negatives, settings, sdxl)
     if refiner is None:
-        x = _sample(bundle, x, sigmas, settings, cond, uncond, gens, callback)
+        x = _sample(bundle, x, sigmas, settings, cond, uncond, gens, callback, edits=edits)
         return to_latent(x, sigmas[-1])
     k = refiner_split(bundle, sigmas, settings, refiner_start)
-    x = _sample(bundle, x, sigmas[: k + 1], settings, cond, uncond, gens, callback)
+    x = _sample(bundle, x, sigmas[: k + 1], settings, cond, uncond, gens, callback, edits=edits)
     sdxl = sdxl_conditioning(refiner, settings, width, height)
-    cond, uncond = encode_prompts(refiner, prompts, negatives, settings, sdxl)
-    x = _sample(refiner, x.to(_params(refiner)[0]), sigmas[k:], settings, cond, uncond, gens, callback)
+    cond, uncond, ref_edits = encode_conditioning(refiner, prompts, negatives, settings, sdxl)
+    if ref_edits is not None:  # the refiner's model calls continue the base's count (A1111's apply_refiner)
+        ref_edits.calls = edits.calls
+    x = _sample(refiner, x.to(_params(refiner)[0]), sigmas[k:], settings, cond, uncond, gens, callback, edits=ref_edits)
     return to_latent(x, sigmas[-1])
 
 
@@ -574,16 +608,24 @@ def img2img(
 
 
 def img2img_latent(
-    bundle: ModelBundle, z0: torch.Tensor, prompts: list, negatives: list, gens: list, settings: Settings, callback=None
+    bundle: ModelBundle,
+    z0: torch.Tensor,
+    prompts: list,
+    negatives: list,
+    gens: list,
+    settings: Settings,
+    callback=None,
+    first_pass: int | None = None,
 ) -> torch.Tensor:
-    """SDEdit from a scaled latent: noise it to the strength's σ with the next draws of `gens`, run the tail."""
+    """SDEdit from a scaled latent: noise it to the strength's σ with the next draws of `gens`, run the tail.
+    `first_pass`: the hires pass's first-pass schedule steps (prompt editing counts on from them)."""
     sigmas = tail(sigmas_for(bundle, settings), settings.strength)
     noise = randn(tuple(z0.shape), gens, z0.device)
     x = noise_for_img2img(z0.float(), noise, sigmas[0])
     f = bundle.config.factor
     sdxl = sdxl_conditioning(bundle, settings, z0.shape[-1] * f, z0.shape[-2] * f)
-    cond, uncond = encode_prompts(bundle, prompts, negatives, settings, sdxl)
-    x = _sample(bundle, x, sigmas, settings, cond, uncond, gens, callback)
+    cond, uncond, edits = encode_conditioning(bundle, prompts, negatives, settings, sdxl, first_pass)
+    x = _sample(bundle, x, sigmas, settings, cond, uncond, gens, callback, edits=edits)
     return to_latent(x, sigmas[-1])
 
 
@@ -612,7 +654,7 @@ def inpaint(
     device, dtype = _params(bundle)
     gens = generators(seeds, settings.rng)
     sdxl = sdxl_conditioning(bundle, settings, images.shape[-1], images.shape[-2])
-    cond, uncond = encode_prompts(bundle, prompts, negatives, settings, sdxl)
+    cond, uncond, edits = encode_conditioning(bundle, prompts, negatives, settings, sdxl)
     sigmas = sigmas_for(bundle, settings)
     n = images.shape[0]
     shape = latent_shape(bundle, n, images.shape[-1], images.shape[-2])
@@ -630,7 +672,7 @@ def inpaint(
         cond = {**cond, "concat": concat}
         if uncond is not None:
             uncond = {**uncond, "concat": concat}
-        x = _sample(bundle, x, sigmas, settings, cond, uncond, gens, callback)
+        x = _sample(bundle, x, sigmas, settings, cond, uncond, gens, callback, edits=edits)
         return decode(bundle, to_latent(x, sigmas[-1]))
     if bundle.config.concat is not None:
         raise InputError(f"{bundle.config.name} is a super-resolution model: use `latentgen superres`")
@@ -649,7 +691,7 @@ def inpaint(
 
         return blended
 
-    x = _sample(bundle, x, sigmas, settings, cond, uncond, gens, callback, wrap=wrap)
+    x = _sample(bundle, x, sigmas, settings, cond, uncond, gens, callback, wrap=wrap, edits=edits)
     z = to_latent(x, sigmas[-1])
     z = keep * z0 + (1 - keep) * z
     return decode(bundle, z)
@@ -722,9 +764,9 @@ def superres(
         randn((n, bundle.config.latent_channels, h, w), gens, device), sigmas, settings.sampler, settings.spacing
     )
     p = prompts or [""] * n
-    cond, uncond = encode_prompts(bundle, p, negatives or [""] * n, settings)
+    cond, uncond, edits = encode_conditioning(bundle, p, negatives or [""] * n, settings)
     cond = {**cond, "concat": lowres, **extra}
     if uncond is not None:
         uncond = {**uncond, "concat": lowres, **extra}
-    x = _sample(bundle, x, sigmas, settings, cond, uncond, gens, callback)
+    x = _sample(bundle, x, sigmas, settings, cond, uncond, gens, callback, edits=edits)
     return decode(bundle, to_latent(x, sigmas[-1]))
