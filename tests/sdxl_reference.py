@@ -159,3 +159,16 @@ def tiny_refiner_unet(seed: int = 5):
         projection_class_embeddings_input_dim=128 + 5 * 256,
     )
     return randomize_(unet, seed).eval()
+
+
+def tiny_refiner(components: dict, folder: Path, scheduler) -> dict:
+    """A tiny random refiner (diffusers classes) sharing the fixture's VAE and bigG, saved as a diffusers folder;
+    returns its pipeline components (no CLIP-L)."""
+    parts = dict(
+        unet=tiny_refiner_unet(),
+        vae=components["vae"],
+        text_encoder_2=components["text_encoder_2"],
+        tokenizer_2=components["tokenizer_2"],
+    )
+    save_folder(parts, folder, scheduler, requires_aesthetics_score=True)
+    return {**parts, "text_encoder": None, "tokenizer": None}

@@ -65,12 +65,12 @@ def original_names(unet) -> dict[str, str]:
     return {d: o.removesuffix(".weight") for d, o in out.items()}
 
 
-def random_sdxl_lora(components, seed=0):
+def random_sdxl_lora(components, seed=0, original=True):
     """{format: state dict} of one random delta on diffusers' modules: kohya with diffusers UNet names, kohya with
     the original (sgm) UNet names kohya's SDXL trainer writes, and PEFT (alpha/rank folded into lora_B) with the
     prefixes StableDiffusionXLPipeline.save_lora_weights writes."""
     g = torch.Generator().manual_seed(seed)
-    orig = original_names(components["unet"])
+    orig = original_names(components["unet"]) if original else {}  # the fixture's UNet only
     files = {"kohya": {}, "kohya_original": {}, "peft": {}}
     parts = [("unet", "unet", UNET_TARGETS), ("text_encoder", "te1", TE_TARGETS), ("text_encoder_2", "te2", TE_TARGETS)]
     for comp, kohya_part, targets in parts:
@@ -85,9 +85,11 @@ def random_sdxl_lora(components, seed=0):
             down = torch.randn(RANK, w.shape[1], *tail, generator=g) * 0.3 / w[0].numel() ** 0.5
             up = torch.randn(w.shape[0], RANK, *[1] * len(tail), generator=g) * 0.3
             te_name = name if name.startswith("text_model.") else "text_model." + name
-            names = {"kohya": name, "kohya_original": orig[name]} if comp == "unet" else dict.fromkeys(files, te_name)
+            names = (
+                {"kohya": name, "kohya_original": orig.get(name)} if comp == "unet" else dict.fromkeys(files, te_name)
+            )
             for fmt in ("kohya", "kohya_original"):
-                if fmt == "kohya" and name.startswith("add_embedding"):
+                if (fmt == "kohya" and name.startswith("add_embedding")) or names[fmt] is None:
                     continue  # diffusers' kohya converter mangles add_embedding_linear_N (kohya writes label_emb_0_N)
                 key = f"lora_{kohya_part}_" + names[fmt].replace(".", "_")
                 files[fmt][key + ".lora_down.weight"], files[fmt][key + ".lora_up.weight"] = down, up
@@ -199,18 +201,49 @@ def test_loha_lokr_on_sdxl_layers_equal_their_formulas(base):
 
 @pytest.fixture(scope="module")
 def refiner(components, tmp_path_factory):
-    from sdxl_reference import save_folder, tiny_refiner_unet
+    from sdxl_reference import tiny_refiner
     from test_pipelines import _scheduler
 
-    parts = dict(
-        unet=tiny_refiner_unet(),
-        vae=components["vae"],
-        text_encoder_2=components["text_encoder_2"],
-        tokenizer_2=components["tokenizer_2"],
-    )
     folder = tmp_path_factory.mktemp("refiner") / "d"
-    save_folder(parts, folder, _scheduler("euler", False, "epsilon"), requires_aesthetics_score=True)
-    return load_model(str(folder))
+    parts = tiny_refiner(components, folder, _scheduler("euler", False, "epsilon"))
+    return load_model(str(folder)), parts
+
+
+def test_refiner_lora_matches_diffusers_fuse_lora(refiner, tmp_path):
+    """A PEFT file on the refiner's UNet (4 levels, attention at 1 and 2) and bigG (text_encoder_2 only) against
+    StableDiffusionXLImg2ImgPipeline + fuse_lora."""
+    bundle, parts = refiner
+    sd = random_sdxl_lora(parts, seed=6, original=False)["peft"]
+    assert any(k.startswith("text_encoder_2.") for k in sd) and not any(k.startswith("text_encoder.") for k in sd)
+    path = tmp_path / "refiner-lora.safetensors"
+    save_file(sd, str(path))
+    pipe = _pipe(
+        "StableDiffusionXLImg2ImgPipeline",
+        parts,
+        "euler",
+        False,
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+    )
+    pipe.load_lora_weights(str(path))
+    pipe.fuse_lora(lora_scale=0.8)
+    img = torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(7))
+    gens = [torch.Generator("cpu").manual_seed(9)]
+    ref = pipe(
+        ["a boat"], image=img, strength=0.5, num_inference_steps=6, guidance_scale=5.0, generator=gens, output_type="np"
+    )
+    deltas = lora_deltas(bundle, sd, str(path))
+    assert {d.part for d in deltas} == {"unet", "te2"} and len(deltas) == len(sd) // 2
+    st = Settings(steps=6, sampler="euler", karras=False, cfg=5.0, strength=0.5)
+    before = pipelines.img2img(bundle, img, ["a boat"], [""], [9], st)
+    merged = Merged()
+    merged.set([(d, 0.8) for d in deltas])
+    try:
+        ours = pipelines.img2img(bundle, img, ["a boat"], [""], [9], st)
+    finally:
+        merged.restore()
+    assert_images_match(ours, ref.images)
+    assert (ours - before).abs().max() > 0.05
 
 
 def _lora(model, prefix, names, seed=0):
@@ -226,6 +259,7 @@ def _lora(model, prefix, names, seed=0):
 
 
 def test_refiner_takes_te2_loras_and_ignores_te1(base, refiner):
+    refiner = refiner[0]
     tm = refiner.cond.bigg.tower.text_model
     te2 = _lora(tm, "lora_te2_text_model_", ["encoder.layers.0.self_attn.q_proj", "encoder.layers.1.mlp.fc1"])
     deltas = lora_deltas(refiner, te2, "te2.safetensors")

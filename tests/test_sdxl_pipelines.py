@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers_models import max_scaled_err
 from safetensors.torch import load_file, save_file
-from sdxl_reference import BASE, SDXL_DIR, base_components, base_config, save_folder, tiny_refiner_unet
+from sdxl_reference import BASE, SDXL_DIR, base_components, base_config, save_folder, tiny_refiner
 
 from latentgen import pipelines
 from latentgen.denoiser import CFGDenoiser, Denoiser
@@ -133,16 +133,9 @@ def test_diffusers_folder_equals_single_file(base, components, tmp_path):
 
 @pytest.fixture(scope="module")
 def refiner(components, tmp_path_factory):
-    """A tiny random refiner (diffusers classes) sharing the fixture's VAE and bigG, as a diffusers folder."""
-    parts = dict(
-        unet=tiny_refiner_unet(),
-        vae=components["vae"],
-        text_encoder_2=components["text_encoder_2"],
-        tokenizer_2=components["tokenizer_2"],
-    )
     folder = tmp_path_factory.mktemp("refiner") / "d"
-    save_folder(parts, folder, _scheduler("euler", False, "epsilon"), requires_aesthetics_score=True)
-    return load_model(str(folder)), {**parts, "text_encoder": None, "tokenizer": None}
+    parts = tiny_refiner(components, folder, _scheduler("euler", False, "epsilon"))
+    return load_model(str(folder)), parts
 
 
 def _image(n=1):
