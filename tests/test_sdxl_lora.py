@@ -173,11 +173,8 @@ def test_loha_lokr_on_sdxl_layers_equal_their_formulas(base):
         a2, b2 = torch.randn(out, 2, generator=g), torch.randn(2, inp, generator=g) * 0.1
         sd |= {f"{key}.hada_w1_a": a1, f"{key}.hada_w1_b": b1, f"{key}.hada_w2_a": a2, f"{key}.hada_w2_b": b2}
         sd[f"{key}.alpha"] = torch.tensor(1.0)
-        w = torch.zeros(out, inp)
-        for i in range(out):
-            for j in range(inp):
-                w[i, j] = (a1[i] * b1[:, j]).sum() * (a2[i] * b2[:, j]).sum() * 0.5
-        want[id(m)] = w
+        # w[i, j] = Σ_k a1[i, k] b1[k, j] · Σ_k a2[i, k] b2[k, j] · α/r, as element-wise sums
+        want[id(m)] = (a1[:, :, None] * b1[None]).sum(1) * (a2[:, :, None] * b2[None]).sum(1) * 0.5
     out, inp = lab.weight.shape
     w1, w2 = torch.randn(4, 2, generator=g) * 0.1, torch.randn(out // 4, inp // 2, generator=g) * 0.1
     sd["lora_unet_add_embedding_linear_1.lokr_w1"], sd["lora_unet_add_embedding_linear_1.lokr_w2"] = w1, w2
