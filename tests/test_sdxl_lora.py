@@ -152,6 +152,37 @@ def test_sdxl_text_encoder_multiplier_reaches_both_encoders(base, components):
     assert torch.equal(q.weight, before)
 
 
+@pytest.mark.parametrize("variant", ["sdxl-base", "sdxl-refiner"])
+def test_diffusers_names_on_full_size_sdxl_layouts(variant):
+    """On the full-size base (2 res blocks, depth 0/2/10) and refiner (4 levels, depth 4) key lists, on meta: every
+    UNet linear and conv gets the name diffusers' own checkpoint conversion gives its weight (tensors paired by
+    identity)."""
+    import json
+
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
+    from test_sdxl_loading import _meta_raw
+
+    from latentgen.adapters.lora import diffusers_unet_name
+    from latentgen.loading.bundle import bundle_from_raw
+
+    raw, _ = _meta_raw(f"{variant}-keys.json")
+    bundle = bundle_from_raw(raw, device=None, dtype=None)
+    orig = {k: v for k, v in raw.tensors.items() if k.startswith("model.diffusion_model.")}
+    cfg = create_unet_diffusers_config_from_ldm(
+        sgm_config(json.loads((SDXL_DIR / f"{variant}-config.json").read_text())), raw.tensors
+    )
+    cfg.update(class_embed_type=None, addition_embed_type="text_time", addition_time_embed_dim=256)
+    by_id = {id(v): k.removeprefix("model.diffusion_model.") for k, v in orig.items()}
+    theirs = {
+        by_id[id(v)].removesuffix(".weight"): k.removesuffix(".weight")
+        for k, v in convert_ldm_unet_checkpoint(orig, cfg).items()
+        if k.endswith(".weight") and id(v) in by_id
+    }
+    layers = [n for n, m in bundle.unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    assert len(layers) > 500 and "label_emb.0.0" in layers
+    assert {n: diffusers_unet_name(n, bundle.unet) for n in layers} == {n: theirs[n] for n in layers}
+
+
 # ---------------------------------------------------------------------------------------------- LyCORIS
 
 
