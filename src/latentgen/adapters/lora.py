@@ -159,22 +159,17 @@ def layer_table(bundle) -> dict[str, dict[str, nn.Module]]:
     return table
 
 
-def lora_family(paths) -> str | None:
-    """The model family an adapter file's layer paths show: SDXL (a second text encoder, ``lora_te1_``, or SDXL's
-    vector embedding), SD 1.x/2.x (one text encoder), or None (a UNet-only file without SDXL layers)."""
-    paths = list(paths)
-    if any(p.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for p in paths):
-        return "SDXL"
-    if any("label_emb_0_" in _flat(p) or "add_embedding" in p for p in paths):
-        return "SDXL"
-    if any(p.startswith(("lora_te_", "text_encoder.")) for p in paths):
-        return "SD 1.x/2.x"
-    return None
-
-
 def _for_family(paths, bundle) -> str:
-    """'for SDXL, not sd1-tiny' / 'for another model family than sd1-tiny (SD 1.x/2.x?)' for an error line."""
-    family = lora_family(paths)
+    """The end of an error line: the family the file's layer paths show (SDXL: a second text encoder, ``lora_te1_``
+    or SDXL's vector embedding; SD 1.x/2.x: one text encoder) when it is not the model's."""
+    paths = list(paths)
+    family = None
+    if any(p.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for p in paths):
+        family = "SDXL"
+    elif any("label_emb_0_" in _flat(p) or "add_embedding" in p for p in paths):
+        family = "SDXL"
+    elif any(p.startswith(("lora_te_", "text_encoder.")) for p in paths):
+        family = "SD 1.x/2.x"
     ours = {"sdxl": "SDXL", "sd1": "SD 1.x/2.x", "sd2": "SD 1.x/2.x"}.get(bundle.config.family)
     if family and family != ours:
         return f"it was made for {family}, not {bundle.config.name}"
