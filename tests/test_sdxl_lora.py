@@ -5,6 +5,7 @@ against their formulas written here, the CLI (options, tags, per-item LoRAs, met
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -16,7 +17,7 @@ from sdxl_reference import BASE, SDXL_DIR, base_components, fixture_ckpt, sgm_co
 from latentgen import pipelines
 from latentgen.adapters.lora import AdapterWarning, Merged, lora_deltas
 from latentgen.errors import CheckpointError
-from latentgen.images import read_png_text
+from latentgen.images import read_png_text, to_pil
 from latentgen.loading.bundle import load_model
 from latentgen.pipelines import Settings
 
@@ -334,8 +335,6 @@ ARGS = ("--model", BASE, "--steps", 2, "--dtype", "fp32", "--width", W, "--heigh
 
 
 def test_cli_sdxl_lora_option_tag_items_and_metadata(base, components, workdir):
-    from latentgen.images import to_pil
-
     (workdir / "loras").mkdir()
     style = random_sdxl_lora(components, seed=4)["kohya_original"]
     save_file(style, str(workdir / "loras" / "style.safetensors"))
@@ -368,8 +367,6 @@ def test_cli_sdxl_lora_option_tag_items_and_metadata(base, components, workdir):
     rec = {x["name"]: x for x in recs[0]["loras"]}
     assert rec["style"]["path"] == str((workdir / "loras" / "style.safetensors").resolve())
     assert (rec["style"]["te"], rec["style"]["unet"], rec["detail"]["te"]) == (0.5, 0.9, 0.7)
-    import hashlib
-
     sha = {
         n: hashlib.sha256(p.read_bytes()).hexdigest()
         for n, p in (
@@ -380,6 +377,9 @@ def test_cli_sdxl_lora_option_tag_items_and_metadata(base, components, workdir):
     assert rec["style"]["sha256"] == sha["style"] and rec["detail"]["sha256"] == sha["detail"]
     params = read_png_text(recs[0]["path"])["parameters"]
     assert f'Lora hashes: "detail: {sha["detail"][:12]}, style: {sha["style"][:12]}"' in params
+    r = cli("txt2img", "--recipe", recs[0]["path"], "--out", "again.png")  # the recorded files and TE/UNet weights
+    assert r.exit_code == 0, r.stderr
+    assert np.array_equal(pixels("again.png"), pixels(recs[0]["path"]))
 
     # per item, without --lora: an item after one with a LoRA is bit-identical to a plain run
     items = [
