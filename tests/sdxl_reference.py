@@ -240,3 +240,16 @@ def inpaint_single_file(path: Path) -> torch.Tensor:
     sd[key] = torch.randn(sd[key].shape[0], 9, 3, 3, generator=torch.Generator().manual_seed(3)) / 9
     save_file(sd, str(path))
     return sd[key]
+
+
+def tiny_refiner(components: dict, folder: Path, scheduler) -> dict:
+    """A tiny random refiner (diffusers classes) sharing the fixture's VAE and bigG, saved as a diffusers folder;
+    returns its pipeline components (no CLIP-L)."""
+    parts = dict(
+        unet=tiny_refiner_unet(),
+        vae=components["vae"],
+        text_encoder_2=components["text_encoder_2"],
+        tokenizer_2=components["tokenizer_2"],
+    )
+    save_folder(parts, folder, scheduler, requires_aesthetics_score=True)
+    return {**parts, "text_encoder": None, "tokenizer": None}

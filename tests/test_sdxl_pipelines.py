@@ -16,7 +16,7 @@ from sdxl_reference import (
     inpaint_single_file,
     refiner_single_file,
     save_folder,
-    tiny_refiner_unet,
+    tiny_refiner,
 )
 
 from latentgen import pipelines
@@ -140,31 +140,16 @@ def test_diffusers_folder_equals_single_file(base, components, tmp_path):
     assert torch.equal(a, b)
 
 
-@pytest.fixture(scope="module")
-def refiner_parts(components):
-    """A tiny random refiner UNet (diffusers classes) with the fixture's VAE and bigG: the diffusers refiner."""
-    return dict(
-        unet=tiny_refiner_unet(),
-        vae=components["vae"],
-        text_encoder_2=components["text_encoder_2"],
-        tokenizer_2=components["tokenizer_2"],
-        text_encoder=None,
-        tokenizer=None,
-    )
-
-
 @pytest.fixture(scope="module", params=["folder", "file"])
-def refiner(refiner_parts, tmp_path_factory, request):
+def refiner(components, tmp_path_factory, request):
     """The tiny refiner loaded by latentgen as a diffusers folder, or as an original single file (the UNet's
     names converted by sdxl_reference.unet_to_original; bigG at conditioner.embedders.0) read from the file
     alone; with its diffusers components."""
     tmp = tmp_path_factory.mktemp("refiner")
+    parts = tiny_refiner(components, tmp / "d", _scheduler("euler", False, "epsilon"))
     if request.param == "file":
-        path = refiner_single_file(refiner_parts["unet"], tmp / "sdxl-refiner-tiny.safetensors")
-    else:
-        parts = {k: v for k, v in refiner_parts.items() if v is not None}
-        path = save_folder(parts, tmp / "d", _scheduler("euler", False, "epsilon"), requires_aesthetics_score=True)
-    return load_model(str(path)), refiner_parts
+        return load_model(str(refiner_single_file(parts["unet"], tmp / "sdxl-refiner-tiny.safetensors"))), parts
+    return load_model(str(tmp / "d")), parts
 
 
 def _image(n=1):

@@ -11,13 +11,15 @@ Formats (each module's keys sit under one prefix; the prefix names the layer):
   (``lokr_w1``) or as a product (``lokr_w1_a``·``lokr_w1_b``; ``lokr_t2`` Tucker); scale alpha/rank with rank = rows
   of ``lokr_w1_b`` (else of ``lokr_w2_b``); with both factors whole alpha is ignored (scale 1), as LyCORIS does.
 - full difference: ``.diff`` (and ``.diff_b`` for the bias), scale 1.
-- diffusers / PEFT: ``unet.`` / ``text_encoder.`` prefixes with ``lora_A`` / ``lora_B`` (``.default`` adapter
-  names too), ``lora.down`` / ``lora.up`` or ``lora_linear_layer.down`` / ``.up``; alpha from ``.alpha`` keys, else
-  the rank (scale 1).
+- diffusers / PEFT: ``unet.`` / ``text_encoder.`` (SDXL also ``text_encoder_2.``) prefixes with ``lora_A`` /
+  ``lora_B`` (``.default`` adapter names too), ``lora.down`` / ``lora.up`` or ``lora_linear_layer.down`` / ``.up``;
+  alpha from ``.alpha`` keys, else the rank (scale 1).
 
-Layer paths may use diffusers' UNet names (``down_blocks_1_attentions_0_...``) or the original ones
-(``input_blocks_4_1_...``); text-encoder paths use transformers' names. The scale is applied once, as in the
-LyCORIS forward pass and A1111 (LyCORIS' own merge path applies it twice).
+Layer paths may use diffusers' UNet names (``down_blocks_1_attentions_0_...``, SDXL's ``add_embedding_linear_1``)
+or the original ones (``input_blocks_4_1_...``, ``label_emb_0_0``); text-encoder paths use transformers' names.
+SDXL: ``lora_te1_`` / ``text_encoder.`` is CLIP ViT-L, ``lora_te2_`` / ``text_encoder_2.`` OpenCLIP bigG (held in the
+CLIP layout, with separate q/k/v projections, so its names are CLIP's); the refiner has bigG alone.
+The scale is applied once, as in the LyCORIS forward pass and A1111 (LyCORIS' own merge path applies it twice).
 
 Merging: for each layer the base weight Parameter is set aside and replaced by base + Σ multiplier·ΔW computed in
 float32 and stored in the weight's own dtype. Restoring puts the base Parameter back, so the model is bit for bit
@@ -52,7 +54,7 @@ _ROLE_ALIASES = {
     "lora_linear_layer.down.weight": "lora_down.weight",
     "lora_linear_layer.up.weight": "lora_up.weight",
 }
-# (key prefix, part of the model); SDXL's second text encoder (lora_te2_) has no target in SD 1.x / 2.x.
+# (key prefix, part of the model): "te" is the (first) CLIP text encoder, "te2" SDXL's bigG.
 _PARTS = (
     ("lora_unet_", "unet"),
     ("lora_te1_", "te"),
@@ -87,6 +89,8 @@ def diffusers_unet_name(name: str, unet) -> str | None:
     head, rest = parts[:2], parts[2:]
     if name.startswith("time_embed."):
         return {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2"}.get(name)
+    if name.startswith("label_emb.0."):  # SDXL's sequential vector embedding (diffusers' text_time addition)
+        return {"label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2"}.get(name)
     if name.startswith("out."):
         return {"out.0": "conv_norm_out", "out.2": "conv_out"}.get(name)
     if len(parts) < 2 or not parts[1].isdigit():
@@ -128,7 +132,8 @@ def _join(base: str, kind: str, rest: list[str]) -> str:
 
 def layer_table(bundle) -> dict[str, dict[str, nn.Module]]:
     """Flat layer names (dots as underscores) → module, per part: the UNet under its original and diffusers names,
-    the CLIP text encoder under transformers' names (with and without ``text_model_``)."""
+    each CLIP text encoder under transformers' names (with and without ``text_model_``): ``te`` the CLIP text encoder
+    of SD 1.x / 2.x or SDXL's CLIP ViT-L (absent in the refiner), ``te2`` SDXL's bigG."""
     unet = {}
     for name, m in bundle.unet.named_modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
@@ -136,14 +141,39 @@ def layer_table(bundle) -> dict[str, dict[str, nn.Module]]:
             dn = diffusers_unet_name(name, bundle.unet)
             if dn is not None:
                 unet[_flat(dn)] = m
-    te = {}
-    text_model = getattr(bundle.cond, "text_model", None)
-    if text_model is not None:
+    table = {"unet": unet}
+    cond = bundle.cond
+    if hasattr(cond, "bigg"):  # SDXL: SDXLConditioner
+        clip_l = cond.clip_l.text_model if cond.clip_l is not None else None
+        encoders = {"te": clip_l, "te2": cond.bigg.tower.text_model}
+    else:
+        encoders = {"te": getattr(cond, "text_model", None)}
+    for part, text_model in encoders.items():
+        te = table[part] = {}
+        if text_model is None:
+            continue
         for name, m in text_model.named_modules():
             if isinstance(m, nn.Linear):
                 te[_flat("text_model." + name)] = m
                 te[_flat(name)] = m
-    return {"unet": unet, "te": te}
+    return table
+
+
+def _for_family(paths, bundle) -> str:
+    """The end of an error line: the family the file's layer paths show (SDXL: a second text encoder, ``lora_te1_``
+    or SDXL's vector embedding; SD 1.x/2.x: one text encoder) when it is not the model's."""
+    paths = list(paths)
+    family = None
+    if any(p.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for p in paths):
+        family = "SDXL"
+    elif any("label_emb_0_" in _flat(p) or "add_embedding" in p for p in paths):
+        family = "SDXL"
+    elif any(p.startswith(("lora_te_", "text_encoder.")) for p in paths):
+        family = "SD 1.x/2.x"
+    ours = {"sdxl": "SDXL", "sd1": "SD 1.x/2.x", "sd2": "SD 1.x/2.x"}.get(bundle.config.family)
+    if family and family != ours:
+        return f"it was made for {family}, not {bundle.config.name}"
+    return f"it was made for another model family than {bundle.config.name}"
 
 
 # ------------------------------------------------------------------------------------------------ deltas
@@ -213,9 +243,9 @@ def compute_delta(roles: Mapping[str, torch.Tensor], shape: torch.Size) -> torch
 
 @dataclass
 class Delta:
-    """One layer's change: module, parameter name ("weight" or "bias"), part ("unet"/"te") and ΔW at multiplier 1,
-    given or rebuilt from the file's factors (``roles``) each time it is merged: a dense ΔW per layer would hold
-    as much memory as the layers themselves."""
+    """One layer's change: module, parameter name ("weight" or "bias"), part ("unet", "te" or SDXL's "te2") and ΔW
+    at multiplier 1, given or rebuilt from the file's factors (``roles``) each time it is merged: a dense ΔW per
+    layer would hold as much memory as the layers themselves."""
 
     module: nn.Module
     param: str
@@ -247,7 +277,7 @@ def lora_deltas(bundle, sd: Mapping[str, torch.Tensor], source: str) -> list[Del
     out, unmatched = [], []
     for path, roles in groups.items():
         part, rest = _part(path)
-        if part == "te2":
+        if part == "te2" and "te2" not in table:
             raise CheckpointError(
                 f"{source}: {path} is for SDXL's second text encoder; this LoRA is for SDXL, not {bundle.config.name}"
             )
@@ -267,15 +297,12 @@ def lora_deltas(bundle, sd: Mapping[str, torch.Tensor], source: str) -> list[Del
             try:
                 compute_delta(chosen, target.shape)  # checked now, rebuilt when merged
             except ValueError as e:
-                raise CheckpointError(
-                    f"{source}: {path} has shape {e} — the LoRA was made for another model family than "
-                    f"{bundle.config.name}"
-                ) from None
+                raise CheckpointError(f"{source}: {path} has shape {e} — {_for_family(groups, bundle)}") from None
             out.append(Delta(module, param, None, part, chosen))
     if not out:
         raise CheckpointError(
             f"{source}: none of its {len(groups)} layers (e.g. {sorted(groups)[0]}) exists in {bundle.config.name}; "
-            "it was made for another model family"
+            f"{_for_family(groups, bundle)}"
         )
     if unmatched:
         warnings.warn(

@@ -184,7 +184,7 @@ class PromptAdapters:
         for name, w in loras.items():
             te, unet = (w.get("te", 1.0), w.get("unet", w.get("te", 1.0))) if isinstance(w, dict) else (w, w)
             chosen.append((self._deltas_for(self.resolve(name), f'"loras": {name}'), float(te), float(unet)))
-        pairs = [(d, te if d.part == "te" else unet) for path, te, unet in chosen for d in self.cache[path][0]]
+        pairs = [(d, unet if d.part == "unet" else te) for path, te, unet in chosen for d in self.cache[path][0]]
         self.merged.set(pairs, key=tuple((str(p), te, unet) for p, te, unet in chosen) or ("base",))
         settings.clip_skip, settings.emphasis = self.clip_skip, self.emphasis
         used = {k: v for k, v in self.vectors.items() if k in text or k in negative}
