@@ -32,6 +32,7 @@ from .denoiser import (
 )
 from .errors import ConfigError, InputError
 from .loading.bundle import ModelBundle, make_low_scale_schedule
+from .loading.mapped_pages import drop_mapped_pages
 from .memory import check_fits
 from .noise import make_generator, slerp
 from .samplers import get_sampler, randn
@@ -141,6 +142,36 @@ def _params(bundle: ModelBundle):
 # ------------------------------------------------------------------------------------------ conditioning
 
 
+def once_per_distinct(enc, texts) -> torch.Tensor:
+    """`enc(texts)` with each distinct text through the encoder once (a batch of one prompt, or a repeated
+    negative): the rows of the distinct texts' encoding, repeated. The longest prompt is among the distinct
+    ones, so the chunk padding is the same."""
+    texts = list(texts)
+    try:
+        distinct = list(dict.fromkeys(texts))
+    except TypeError:  # unhashable prompts: encoded as given
+        return enc(texts)
+    if len(distinct) == len(texts):
+        return enc(texts)
+    return enc(distinct)[[distinct.index(t) for t in texts]]
+
+
+def releasing_text_pages(encode):
+    """After encoding on the CPU: the text encoder's memory-mapped pages and freed transients go back to the OS
+    (they would otherwise add to the UNet's peak; see loading.mapped_pages)."""
+
+    def run(bundle: ModelBundle, *args, **kwargs):
+        out = encode(bundle, *args, **kwargs)
+        if _params(bundle)[0].type == "cpu":
+            drop_mapped_pages(bundle.path)
+            release_free_memory()
+        return out
+
+    run.__doc__, run.__name__ = encode.__doc__, encode.__name__
+    return run
+
+
+@releasing_text_pages
 def encode_prompts(
     bundle: ModelBundle, prompts: list, negatives: list, settings: Settings, sdxl: dict | None = None
 ) -> tuple[dict, dict | None]:
@@ -180,8 +211,8 @@ def encode_prompts(
     else:
         enc = cond_mod.encode
     with torch.no_grad():
-        ctx = enc(prompts).to(device, dtype)
-        unc = None if cfg == 1.0 else {"context": enc(negatives).to(device, dtype)}
+        ctx = once_per_distinct(enc, prompts).to(device, dtype)
+        unc = None if cfg == 1.0 else {"context": once_per_distinct(enc, negatives).to(device, dtype)}
     return {"context": ctx}, unc
 
 
@@ -445,6 +476,7 @@ def release_free_memory() -> None:
 def decode(bundle: ModelBundle, z: torch.Tensor, tile: int | None = None) -> torch.Tensor:
     """Scaled latent → image in [0, 1] (as diffusers: (x/2 + 0.5).clamp(0, 1))."""
     if z.device.type == "cpu":
+        drop_mapped_pages(bundle.path)  # the UNet's weights, where memory-mapped (--low-memory)
         release_free_memory()
     with torch.no_grad(), upcast_vae(bundle):
         img = decode_latents(bundle.first_stage, z / bundle.config.scale_factor, tile=tile)

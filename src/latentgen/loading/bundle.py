@@ -142,18 +142,6 @@ def make_low_scale_schedule(cfg: ModelConfig, tensors: dict | None = None):
     )
 
 
-def available_memory() -> int | None:
-    """Bytes of memory available to new allocations (Linux MemAvailable); None where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def load_model(
     model: str | None = None,
     *,
@@ -245,8 +233,10 @@ def bundle_from_raw(
     """Build the modules a checkpoint describes and load its weights strictly (meta tensors allowed).
     `low_memory` (CPU, a single file): weights stored in a lower precision than `dtype` stay as stored, memory-mapped,
     and each layer gets its weights upcast when it runs (:func:`upcast_on_use`): the same results, about half
-    the memory for an fp16 file computed in fp32, about 10% slower (SD 1.5). None: low memory unless the weights
-    in `dtype` take under a third of the memory available.
+    the memory for an fp16 file computed in fp32, about 10% slower (SD 1.5). False: all upcast at load (the text
+    and image encoders, run once per prompt or image, still keep theirs as stored). None (the default): the
+    UNet's weights kept as stored, the decoder's upcast at load (it is small and its convolutions are
+    prepacked; kept as stored it would decode about 15% slower).
     `weights="int8"`: the Linear / Conv layers of the UNet, the text encoder and the image decoder hold int8
     weights with a scale per output channel, quantised from the stored ones and dequantised to `dtype` layer by
     layer as they run (:func:`int8_weights`); everything else is kept as with low memory."""
@@ -255,14 +245,12 @@ def bundle_from_raw(
     path = raw.path
     sd = raw.tensors
     cpu_file = dtype == torch.float32 and torch.device(device).type == "cpu" and raw.format != "diffusers"
-    if low_memory is None and cpu_file:  # auto: all weights upcast at load (faster) when that fits easily
-        need = sum(v.numel() for v in sd.values() if v.is_floating_point()) * dtype.itemsize
-        avail = available_memory()
-        low_memory = avail is None or 3 * need > avail
+    lean = low_memory is None and cpu_file and weights is None  # the default: the UNet's weights kept as stored
     low_memory = (bool(low_memory) or weights is not None) and cpu_file
     # with full weights too, the text and image encoders (run once per prompt or image) keep theirs as stored
     cond_prefix = SDXL_COND_PREFIX if cfg.family == "sdxl" else COND_PREFIX
     keep = (cond_prefix, FIRST_STAGE_PREFIX + "encoder.", FIRST_STAGE_PREFIX + "quant_conv.") if cpu_file else ()
+    keep += (UNET_PREFIX,) if lean else ()
     if dtype is not None and not low_memory and weights is None:  # weights exist once in memory, in the asked dtype
         todo = [
             k
@@ -316,7 +304,8 @@ def bundle_from_raw(
         _quantize(raw, sd, (unet, cond, first_stage.decoder, first_stage.post_quant_conv), dtype)
         first_stage.compute_dtype = dtype
     if cpu_file:  # weights not converted as they were read are upcast as their layers run
-        for m in (unet, first_stage, cond) if low_memory else (cond, first_stage.encoder, first_stage.quant_conv):
+        stored = (cond, first_stage.encoder, first_stage.quant_conv) + ((unet,) if lean else ())
+        for m in (unet, first_stage, cond) if low_memory else stored:
             upcast_on_use(m, dtype)
         first_stage.compute_dtype = dtype
         return bundle

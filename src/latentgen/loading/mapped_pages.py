@@ -1,0 +1,78 @@
+"""A memory-mapped checkpoint's pages handed back to the page cache when the weights on them are not needed for a
+while (the text encoder's after the prompts are encoded, the UNet's before the image is decoded): whole-process
+peak RSS then counts only the weights of the network that runs. A page is only unmapped, not evicted: its next
+use maps it again from the page cache, and its contents cannot change, because only pages that still hold the
+file's bytes are dropped (a page written to — copy-on-write, e.g. a LoRA merged in place — is kept). Linux only;
+elsewhere, and for weights not memory-mapped, a no-op."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+MADV_DONTNEED = 4
+PRESENT, FILE_OR_SHARED = 1 << 63, 1 << 61  # /proc/self/pagemap entry flags (Documentation/admin-guide/mm/pagemap)
+
+
+def file_mappings(path: str | os.PathLike) -> list[tuple[int, int]]:
+    """Address ranges [start, end) of this process's mappings of `path` (a file, or every file under a folder)."""
+    target = os.path.realpath(path)
+    folder = Path(target).is_dir()
+    out = []
+    try:
+        with open("/proc/self/maps") as fh:
+            for line in fh:
+                parts = line.split(None, 5)
+                if len(parts) < 6:
+                    continue
+                name = parts[5].strip()
+                if name == target or (folder and name.startswith(target + os.sep)):
+                    start, end = (int(a, 16) for a in parts[0].split("-"))
+                    out.append((start, end))
+    except OSError:
+        pass
+    return out
+
+
+def _clean_runs(start: int, end: int, page: int) -> list[tuple[int, int]]:
+    """[start, end) split into runs of pages that hold the file's bytes or are not present (the pages written to,
+    now private anonymous copies, left out); the whole range when pagemap cannot be read."""
+    import numpy as np
+
+    n = (end - start) // page
+    try:
+        with open("/proc/self/pagemap", "rb") as fh:
+            fh.seek(start // page * 8)
+            flags = np.frombuffer(fh.read(n * 8), dtype=np.uint64)
+    except OSError:
+        return [(start, end)]
+    if len(flags) != n:
+        return [(start, end)]
+    dirty = np.flatnonzero((flags & np.uint64(PRESENT)).astype(bool) & ~(flags & np.uint64(FILE_OR_SHARED)).astype(bool))
+    runs, at = [], 0
+    for i in (*dirty.tolist(), n):
+        if i > at:
+            runs.append((start + at * page, start + i * page))
+        at = i + 1
+    return runs
+
+
+def drop_mapped_pages(path: str | os.PathLike | None) -> int:
+    """Unmap the resident pages of this process's mappings of checkpoint `path` that still hold the file's bytes
+    (madvise MADV_DONTNEED on a private file mapping: the next read maps the page cache's copy again). Returns
+    the bytes of address range advised (0 where nothing was done)."""
+    if path is None or not os.path.exists(path):
+        return 0
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page = os.sysconf("SC_PAGE_SIZE")
+    done = 0
+    for start, end in file_mappings(path):
+        for a, b in _clean_runs(start, end, page):
+            if madvise(a, b - a, MADV_DONTNEED) == 0:
+                done += b - a
+    return done

@@ -1,0 +1,70 @@
+"""loading.mapped_pages: a memory-mapped checkpoint's pages dropped from the resident set keep their values (a
+page written to is kept), and a txt2img run leaves the model file's mapping nearly non-resident, with the same
+image."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from tiny_models import random_model
+
+from latentgen import pipelines
+from latentgen.loading.bundle import load_model
+from latentgen.loading.mapped_pages import drop_mapped_pages, file_mappings
+from latentgen.loading.safetensors import read_safetensors
+from latentgen.pipelines import Settings
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc and madvise")
+
+
+def resident(path) -> int:
+    """Resident bytes of this process's mappings of `path` (/proc/self/smaps)."""
+    spans = set(file_mappings(path))
+    total, inside = 0, False
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            head = line.split(None, 1)[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(a, 16) for a in head.split("-"))
+                inside = (start, end) in spans
+            elif inside and head == "Rss:":
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def test_dropped_pages_keep_their_values_and_written_pages_are_kept(tmp_path):
+    path = tmp_path / "w.safetensors"
+    want = torch.randn(4096, 2048, generator=torch.Generator().manual_seed(0)).half()  # 16 MiB
+    save_file({"w": want}, str(path))
+    t = read_safetensors(path)[0]["w"]
+    assert torch.equal(t, want) and resident(path) >= want.nbytes  # every page read in
+    t[5, :] = 7.0  # copy-on-write: this page is now private memory
+    assert drop_mapped_pages(path) > 0
+    assert resident(path) < want.nbytes // 8
+    assert torch.equal(t[5], torch.full((2048,), 7.0, dtype=torch.half))  # the written page is kept
+    assert torch.equal(t[:5], want[:5]) and torch.equal(t[6:], want[6:])  # the others read back from the file
+    assert drop_mapped_pages(tmp_path / "missing.safetensors") == 0 and drop_mapped_pages(None) == 0
+
+
+def test_txt2img_leaves_the_model_file_mostly_non_resident_with_the_same_image(tmp_path, monkeypatch):
+    """The default (UNet kept as stored, memory-mapped): after txt2img the text encoder's and the UNet's pages are
+    no longer resident, and the image equals the one made without dropping them."""
+    src = random_model("sd1", tmp_path / "sd1.safetensors")
+    b32 = load_model(str(src))
+    path = tmp_path / "half.safetensors"
+    from latentgen.loading.bundle import save_model
+
+    save_model(path, b32.config, b32.unet.half(), b32.first_stage.half(), b32.cond.half())
+    st = Settings(steps=2, sampler="euler")
+    bundle = load_model(str(path), low_memory=None)
+    run = lambda: pipelines.txt2img(bundle, ["a cat"], ["blurry"], [3], 32, 32, st)  # noqa: E731
+    size = os.path.getsize(path)
+    img = run()
+    assert resident(path) < size // 10
+    monkeypatch.setattr(pipelines, "drop_mapped_pages", lambda path: 0)
+    assert torch.equal(run(), img)
+    assert resident(path) > size // 2  # without dropping, the UNet's and the text encoder's pages stay
