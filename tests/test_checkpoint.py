@@ -3,7 +3,6 @@ architectures are detected from keys, full-size key sets load strictly, and bad 
 
 import copy
 import json
-import os
 import struct
 
 import pytest

@@ -49,7 +49,8 @@ def _clean_runs(start: int, end: int, page: int) -> list[tuple[int, int]]:
         return [(start, end)]
     if len(flags) != n:
         return [(start, end)]
-    dirty = np.flatnonzero((flags & np.uint64(PRESENT)).astype(bool) & ~(flags & np.uint64(FILE_OR_SHARED)).astype(bool))
+    present, from_file = (flags & np.uint64(PRESENT)) != 0, (flags & np.uint64(FILE_OR_SHARED)) != 0
+    dirty = np.flatnonzero(present & ~from_file)
     runs, at = [], 0
     for i in (*dirty.tolist(), n):
         if i > at:
