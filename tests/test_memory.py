@@ -97,3 +97,23 @@ def test_a_job_that_cannot_fit_is_refused_before_any_latent(sd1, monkeypatch):
 def test_available_memory_reads_this_machine():
     avail = memory.available_memory()
     assert avail is None or 0 < avail < 2**50
+
+
+def test_weights_upcast_as_they_run_count_three_copies_of_the_largest(sd1, tmp_path, monkeypatch):
+    """The default CPU fp32 load of an fp16 file keeps the UNet's weights as stored: the guard adds three fp32 copies
+    of its largest weight (upcast, oneDNN copy, packed reorder); with full weights nothing is added."""
+    from latentgen.loading.bundle import save_model
+
+    b32 = load_model(str(sd1))
+    half = tmp_path / "half.safetensors"
+    save_model(half, b32.config, b32.unet.half(), b32.first_stage.half(), b32.cond.half())
+    largest = max(p.numel() for p in b32.unet.parameters())
+    lean, full = load_model(str(half), low_memory=None), load_model(str(half), low_memory=False)
+    assert memory.upcast_working_set(lean.unet, 4) == 3 * 4 * largest
+    assert memory.upcast_working_set(full.unet, 4) == 0
+    seen = []
+    monkeypatch.setattr(memory, "available_memory", lambda device=None: 0)
+    monkeypatch.setattr(pipelines, "check_fits", lambda *a, **k: seen.append(k["upcast"]) or 0)
+    for b in (lean, full):
+        pipelines.guard_memory(b, 1, 16, 16, Settings(steps=1))
+    assert seen == [3 * 4 * largest, 0]

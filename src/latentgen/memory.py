@@ -39,10 +39,26 @@ class Estimate:
     unet: int
     first_stage: int
     buffers: int
+    upcast: int = 0  # weights upcast as their layers run: see upcast_working_set
 
     @property
     def total(self) -> int:
-        return self.unet + self.first_stage + self.buffers + OVERHEAD
+        return self.unet + self.first_stage + self.buffers + self.upcast + OVERHEAD
+
+
+def upcast_working_set(module, elem: int) -> int:
+    """Bytes of the largest weight that `module` upcasts (or dequantises) as its layer runs, three times over: the
+    `elem`-byte copy and, for a convolution, its oneDNN copy and the packed reorder of it (0 without such
+    weights; their stored bytes are already loaded, like every weight)."""
+    from torch.nn.utils import parametrize
+
+    sizes = [
+        m.parametrizations[name].original.numel()
+        for m in module.modules()
+        if parametrize.is_parametrized(m)
+        for name in m.parametrizations
+    ]
+    return 3 * elem * max(sizes, default=0)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -119,10 +135,12 @@ def available_memory(device=None) -> int | None:
 
 
 def check_fits(
-    config, n: int, width: int, height: int, elem: int, *, tile: int, device=None, guided: bool = True
+    config, n: int, width: int, height: int, elem: int, *, tile: int, device=None, guided: bool = True, upcast: int = 0
 ) -> Estimate:
-    """Refuse a job whose estimated peak exceeds HEADROOM of the available memory (InputError, one line)."""
+    """Refuse a job whose estimated peak (with `upcast` bytes of weights upcast as they run) exceeds HEADROOM of
+    the available memory (InputError, one line)."""
     est = estimate(config, n, width, height, elem, tile=tile, guided=guided)
+    est.upcast = upcast
     avail = available_memory(device)
     if avail is not None and est.total > HEADROOM * avail:
         raise InputError(

@@ -33,7 +33,7 @@ from .denoiser import (
 from .errors import ConfigError, InputError
 from .loading.bundle import ModelBundle, make_low_scale_schedule
 from .loading.mapped_pages import drop_mapped_pages
-from .memory import check_fits
+from .memory import check_fits, upcast_working_set
 from .noise import make_generator, slerp
 from .samplers import get_sampler, randn
 from .schedulers import check_scheduler, default_scheduler
@@ -127,7 +127,10 @@ def guard_memory(bundle: ModelBundle, n: int, width: int, height: int, settings:
     width × height that cannot fit in the memory available on the model's device."""
     device, dtype = _params(bundle)
     guided = settings.cfg != 1.0 and bundle.config.cond.kind != "none"
-    check_fits(bundle.config, n, width, height, dtype.itemsize, tile=AUTO_TILE, device=device, guided=guided)
+    upcast = upcast_working_set(bundle.unet, dtype.itemsize)
+    check_fits(
+        bundle.config, n, width, height, dtype.itemsize, tile=AUTO_TILE, device=device, guided=guided, upcast=upcast
+    )
 
 
 def latent_shape(bundle: ModelBundle, n: int, width: int, height: int) -> tuple[int, ...]:
