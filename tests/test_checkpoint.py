@@ -325,23 +325,29 @@ def test_low_memory_keeps_fp16_weights_and_gives_the_same_images(fixtures_dir, f
     assert torch.equal(a2, b2)
 
 
-def test_default_keeps_the_unets_weights_as_stored_and_upcasts_the_decoders(fixtures_dir, fixture_config, tmp_path):
-    """low_memory=None (the CLI default) on the CPU in fp32: the UNet, the text encoder and the image encoder keep
-    an fp16 file's weights as stored (upcast as they run), the decoder's are upcast at load; txt2img gives the
-    same image as with every weight upcast at load."""
+def test_default_keeps_the_weights_as_stored_with_the_images_of_full_weights(fixtures_dir, fixture_config, tmp_path):
+    """low_memory=None (the CLI default) on the CPU in fp32 is low memory: an fp16 file's weights stay as stored
+    (upcast as they run); txt2img gives the image of every weight upcast at load, also with the convolutions
+    prepacked (as the CLI does: packed once with full weights, on each call from the fp16 weights)."""
     from latentgen import pipelines
+    from latentgen.loading.weights import prepack_convs
     from latentgen.pipelines import Settings
 
     half = _half_file(fixtures_dir, fixture_config, tmp_path)
     default, full = load_model(str(half), low_memory=None), load_model(str(half), low_memory=False)
-    conv = default.unet.input_blocks[0][0]
-    assert conv.parametrizations.weight.original.dtype == torch.float16 and conv.weight.dtype == torch.float32
-    assert {p.dtype for p in default.first_stage.decoder.parameters()} == {torch.float32}
-    assert {p.dtype for m in (default.cond, default.first_stage.encoder) for p in m.parameters()} == {torch.float16}
+    for m in (default.unet, default.first_stage, default.cond):
+        stored = {p.dtype for p in m.parameters()}
+        assert stored == {torch.float16}, stored
+    assert default.unet.input_blocks[0][0].weight.dtype == torch.float32
     assert {p.dtype for p in full.unet.parameters()} == {torch.float32}
     st = Settings(steps=2, sampler="euler")
-    a, b = (pipelines.txt2img(m, ["a cat"], ["blurry"], [3], 32, 32, st) for m in (default, full))
-    assert torch.equal(a, b)
+    run = lambda b: pipelines.txt2img(b, ["a cat"], ["blurry"], [3], 32, 32, st)  # noqa: E731
+    assert torch.equal(run(default), run(full))
+    for b in (default, full):
+        for m in (b.unet, b.first_stage):
+            prepack_convs(m)
+    assert "Packed" in type(default.unet.input_blocks[0][0]).__name__
+    assert torch.equal(run(default), run(full))
 
 
 def test_prepacked_convs_compute_what_plain_convs_do():

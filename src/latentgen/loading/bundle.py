@@ -233,10 +233,9 @@ def bundle_from_raw(
     """Build the modules a checkpoint describes and load its weights strictly (meta tensors allowed).
     `low_memory` (CPU, a single file): weights stored in a lower precision than `dtype` stay as stored, memory-mapped,
     and each layer gets its weights upcast when it runs (:func:`upcast_on_use`): the same results, about half
-    the memory for an fp16 file computed in fp32, about 10% slower (SD 1.5). False: all upcast at load (the text
-    and image encoders, run once per prompt or image, still keep theirs as stored). None (the default): the
-    UNet's weights kept as stored, the decoder's upcast at load (it is small and its convolutions are
-    prepacked; kept as stored it would decode about 15% slower).
+    the memory for an fp16 file computed in fp32. None (the CLI default): the same. False: the UNet's and the
+    decoder's upcast at load (faster per UNet step; the text and image encoders, run once per prompt or image,
+    still keep theirs as stored).
     `weights="int8"`: the Linear / Conv layers of the UNet, the text encoder and the image decoder hold int8
     weights with a scale per output channel, quantised from the stored ones and dequantised to `dtype` layer by
     layer as they run (:func:`int8_weights`); everything else is kept as with low memory."""
@@ -245,12 +244,10 @@ def bundle_from_raw(
     path = raw.path
     sd = raw.tensors
     cpu_file = dtype == torch.float32 and torch.device(device).type == "cpu" and raw.format != "diffusers"
-    lean = low_memory is None and cpu_file and weights is None  # the default: the UNet's weights kept as stored
-    low_memory = (bool(low_memory) or weights is not None) and cpu_file
+    low_memory = (low_memory is None or bool(low_memory) or weights is not None) and cpu_file
     # with full weights too, the text and image encoders (run once per prompt or image) keep theirs as stored
     cond_prefix = SDXL_COND_PREFIX if cfg.family == "sdxl" else COND_PREFIX
     keep = (cond_prefix, FIRST_STAGE_PREFIX + "encoder.", FIRST_STAGE_PREFIX + "quant_conv.") if cpu_file else ()
-    keep += (UNET_PREFIX,) if lean else ()
     if dtype is not None and not low_memory and weights is None:  # weights exist once in memory, in the asked dtype
         todo = [
             k
@@ -304,8 +301,7 @@ def bundle_from_raw(
         _quantize(raw, sd, (unet, cond, first_stage.decoder, first_stage.post_quant_conv), dtype)
         first_stage.compute_dtype = dtype
     if cpu_file:  # weights not converted as they were read are upcast as their layers run
-        stored = (cond, first_stage.encoder, first_stage.quant_conv) + ((unet,) if lean else ())
-        for m in (unet, first_stage, cond) if low_memory else stored:
+        for m in (unet, first_stage, cond) if low_memory else (cond, first_stage.encoder, first_stage.quant_conv):
             upcast_on_use(m, dtype)
         first_stage.compute_dtype = dtype
         return bundle

@@ -102,9 +102,15 @@ def weight_bytes(module: nn.Module) -> int:
 
 
 def _pack(conv: nn.Conv2d, w: torch.Tensor, shape) -> torch.Tensor:
-    """`conv`'s fp32 weight `w` reordered into oneDNN's blocked layout for inputs of `shape`."""
+    """`conv`'s weight `w` (fp32, or fp16 / bf16 converted exactly to fp32 on the way) reordered into oneDNN's
+    blocked layout for inputs of `shape`."""
     return torch._C._nn.mkldnn_reorder_conv2d_weight(
-        w.contiguous().to_mkldnn(), list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, list(shape)
+        w.contiguous().to_mkldnn(torch.float32),
+        list(conv.padding),
+        list(conv.stride),
+        list(conv.dilation),
+        conv.groups,
+        list(shape),
     )
 
 
@@ -146,7 +152,9 @@ def _pack_each_call(self, x: torch.Tensor) -> torch.Tensor:
     the kernel a :class:`PackedConv2d` runs, so the two give the same values."""
     if not _packs(x):
         return self._conv_forward(x, self.weight, self.bias)
-    return _packed_conv(self, x, _pack(self, self.weight, x.shape))
+    chain = self.parametrizations.weight
+    plain = len(chain) == 1 and isinstance(chain[0], _Upcast)  # the stored weight goes to oneDNN's fp32 directly
+    return _packed_conv(self, x, _pack(self, chain.original if plain else self.weight, x.shape))
 
 
 @functools.cache
