@@ -103,7 +103,7 @@ LowMemOpt = typer.Option(
     show_default=False,
     help="CPU, fp32: keep an fp16/bf16 file's weights as stored and upcast each layer's as it "
     "runs, or upcast the UNet's and the decoder's at load (twice the UNet's memory, faster per step). "
-    "Default: the UNet's kept as stored, the decoder's upcast. Same images either way.",
+    "Default: kept as stored (--low-memory). Same images either way.",
 )
 
 
