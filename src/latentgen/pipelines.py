@@ -180,7 +180,8 @@ def encode_prompts(
 ) -> tuple[dict, dict | None]:
     """Conditioning kwargs for the denoiser: cross-attention context (text) or class labels; SDXL also the
     vector y, from the size / aesthetic conditioning `sdxl` (see `sdxl_conditioning`). CLIP prompts are read as
-    A1111 does (weights, 75-token chunks, BREAK, clip skip, textual inversion: text.prompts); the prompt and
+    A1111 does (weights, 75-token chunks, BREAK, clip skip, textual inversion: text.prompts), BERT prompts alike
+    (weights, chunks of the encoder's context, BREAK); the prompt and
     the negative are encoded alike, and may end up with different chunk counts."""
     cfg = settings.cfg
     cond_mod = bundle.cond
@@ -211,6 +212,10 @@ def encode_prompts(
 
         def enc(texts):
             return prompts_mod.encode_prompts(cond_mod, list(texts), **opts)
+    elif kind == "bert":
+
+        def enc(texts):
+            return prompts_mod.encode_bert_prompts(cond_mod, list(texts), emphasis=settings.emphasis)
     else:
         enc = cond_mod.encode
     with torch.no_grad():
@@ -219,7 +224,7 @@ def encode_prompts(
     return {"context": ctx}, unc
 
 
-EDITED_KINDS = ("clip", "open_clip", "sdxl")  # the conditioners that read A1111's prompt syntax
+EDITED_KINDS = ("clip", "open_clip", "sdxl", "bert")  # the conditioners that read A1111's prompt syntax
 
 
 def encode_conditioning(

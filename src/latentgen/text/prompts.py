@@ -1,7 +1,8 @@
 """Prompts as the community writes them: AUTOMATIC1111's attention syntax, 75-token chunks, BREAK, emphasis.
 
-One prompt becomes context for ONE CLIP-like encoder in three steps, so that each of SDXL's two encoders can run
-them on its own (as A1111 does):
+One prompt becomes context for ONE encoder in three steps, so that each of SDXL's two encoders can run them on its
+own (as A1111 does); the CompVis LDM BERT encoder (and the shipped default model) runs them too, with its WordPiece
+vocabulary and chunks of its context (``max_seq_len``) minus 2 tokens (:func:`encode_bert_prompts`):
 
 1. :func:`parse_attention` splits the text into (fragment, weight) pieces: ``(text)`` ×1.1, ``[text]`` ÷1.1,
    ``(text:w)`` ×w, nesting multiplies, ``\\(`` ``\\)`` ``\\[`` ``\\]`` ``\\\\`` are literal, unbalanced brackets are
@@ -12,7 +13,8 @@ them on its own (as A1111 does):
    its vectors, which never straddle a chunk boundary.
 3. :func:`encode_chunks` runs an encoder callable on every chunk (SD 1.x / 2.x: :func:`encode_prompts`, which may
    stop ``clip_skip - 1`` blocks early; SDXL: text/sdxl.py, each encoder on its own, bigG with its pooled output),
-   applies the emphasis and concatenates the chunks along the sequence axis: [n_chunks * 77, D] per prompt.
+   applies the emphasis and concatenates the chunks along the sequence axis: [n_chunks * 77, D] per prompt (the
+   UNet's cross-attention takes a context of any length).
 
 Emphasis (A1111's ``emphasis`` setting): ``original`` (default) multiplies each token's output by its weight and
 then rescales the chunk so its mean is the unweighted one; ``no-norm`` multiplies without the rescale; ``none``
@@ -35,7 +37,16 @@ from dataclasses import dataclass, field
 import torch
 
 from latentgen.errors import ConfigError, InputError
-from latentgen.text.tokenizers import CLIP_BOS, CLIP_EOS, clip_bpe_vocab, clip_tokenizer
+from latentgen.text.tokenizers import (
+    BERT_CLS,
+    BERT_PAD,
+    BERT_SEP,
+    CLIP_BOS,
+    CLIP_EOS,
+    bert_tokenizer,
+    clip_bpe_vocab,
+    clip_tokenizer,
+)
 
 CHUNK_TOKENS = 75  # tokens per chunk between BOS and EOS (CLIP's context of 77)
 COMMA_BACKTRACK = 20  # A1111's default ``comma_padding_backtrack``
@@ -132,18 +143,19 @@ class Chunk:
 
 @dataclass(frozen=True)
 class Vocabulary:
-    """What chunking needs to know about one encoder's tokenizer: the special ids and how text becomes ids
-    (without start/end tokens)."""
+    """What chunking needs to know about one encoder's tokenizer: the special ids, how text becomes ids (without
+    start/end tokens) and how many tokens a chunk holds between them (CLIP 75; BERT its context minus 2)."""
 
     tokenize: Callable[[str], list[int]]
     bos: int
     eos: int
     pad: int
     comma: int | None
+    length: int = CHUNK_TOKENS
 
 
 def _finish(content: list[int], weights: list[float], fixes: list, voc: Vocabulary) -> Chunk:
-    n = CHUNK_TOKENS - len(content)
+    n = voc.length - len(content)
     ids = [voc.bos, *content, *[voc.eos] * max(n, 0), voc.eos]
     w = [1.0, *weights, *[1.0] * max(n, 0), 1.0]
     if voc.pad != voc.eos:  # SD 2.x: everything after the first end token is padding (A1111 process_tokens)
@@ -170,8 +182,8 @@ def make_chunks(
         key=lambda e: -len(e[0]),
     )
     for _ids, name, n in found:
-        if n > CHUNK_TOKENS:
-            raise InputError(f"embedding {name} has {n} vectors; at most {CHUNK_TOKENS} fit in a prompt chunk")
+        if n > voc.length:
+            raise InputError(f"embedding {name} has {n} vectors; at most {voc.length} fit in a prompt chunk")
     chunks: list[Chunk] = []
     content: list[int] = []
     weights: list[float] = []
@@ -195,7 +207,7 @@ def make_chunks(
                 last_comma = len(content)
             elif (
                 backtrack
-                and len(content) == CHUNK_TOKENS
+                and len(content) == voc.length
                 and last_comma != -1
                 and (len(content) - last_comma <= backtrack)
             ):
@@ -204,7 +216,7 @@ def make_chunks(
                 content, weights, fixes = content[:cut], weights[:cut], [f for f in fixes if f[0] < cut]
                 close()
                 content, weights, fixes = [*moved[0]], [*moved[1]], [*moved[2]]
-            if len(content) == CHUNK_TOKENS:
+            if len(content) == voc.length:
                 close()
             match = next((e for e in found if e[0] and tuple(tokens[pos : pos + len(e[0])]) == e[0]), None)
             if match is None:
@@ -213,7 +225,7 @@ def make_chunks(
                 pos += 1
                 continue
             ids, name, n = match
-            if len(content) + n > CHUNK_TOKENS:
+            if len(content) + n > voc.length:
                 close()
             fixes.append((len(content), name))
             content += [0] * n
@@ -314,6 +326,27 @@ def encode_prompts(
     table = embedder.text_model.embeddings.token_embedding
     chunks = prompt_chunks(texts, voc, emphasis, counts)
     return encode_chunks(encode, table, chunks, embeddings, emphasis=emphasis, empty=empty_chunk(voc))
+
+
+@functools.lru_cache(maxsize=4)
+def bert_vocabulary(max_seq_len: int) -> Vocabulary:
+    """The bert-base-uncased WordPiece of CompVis ``BERTEmbedder``: chunks ``[CLS] tokens [SEP] [PAD]...`` of the
+    encoder's ``max_seq_len`` (its positional table), comma ``,`` 1010."""
+    tok = bert_tokenizer()
+
+    def tokenize(text: str) -> list[int]:
+        return tok.encode(text, add_special_tokens=False).ids
+
+    return Vocabulary(tokenize, BERT_CLS, BERT_SEP, BERT_PAD, tok.token_to_id(","), max_seq_len - 2)
+
+
+def encode_bert_prompts(embedder, texts: Sequence[str], *, emphasis: str = "original") -> torch.Tensor:
+    """Context [B, n * max_seq_len, D] of B prompts for the CompVis LDM BERT encoder (``text.bert.BERTEmbedder``):
+    the same syntax, chunks and emphasis as CLIP, each chunk within the encoder's positional table."""
+    voc = bert_vocabulary(embedder.cfg.max_seq_len)
+    table = embedder.transformer.token_emb
+    chunks = prompt_chunks(texts, voc, emphasis)
+    return encode_chunks(lambda ids, _: embedder(ids), table, chunks, emphasis=emphasis, empty=empty_chunk(voc))
 
 
 # ------------------------------------------------------------------------------------- LoRA tags in prompts
