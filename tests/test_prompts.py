@@ -160,19 +160,20 @@ def ref_parse(text):
     return out or [["", 1.0]]
 
 
-def ref_chunks(text, tok, pad, emphasis="original"):
-    """A1111 tokenize_line: 75-token chunks, comma backtrack of 20, BREAK; SD 2 pads after the first EOS."""
+def ref_chunks(text, tok, pad, emphasis="original", size=75, specials=None):
+    """A1111 tokenize_line: 75-token chunks, comma backtrack of 20, BREAK; SD 2 pads after the first EOS.
+    ``size``: tokens a chunk holds (CLIP 75); ``specials``: (bos, eos, comma) of a tokenizer that is not CLIP's."""
     parsed = [[text, 1.0]] if emphasis == "literal" else ref_parse(text)
     ids_of = tok([t for t, _ in parsed], add_special_tokens=False)["input_ids"]
-    comma, bos, eos = tok.get_vocab()[",</w>"], tok.bos_token_id, tok.eos_token_id
+    bos, eos, comma = specials or (tok.bos_token_id, tok.eos_token_id, tok.get_vocab()[",</w>"])
     chunks, cur, last_comma = [], [[], []], [-1]
 
     def nxt():
-        n = 75 - len(cur[0])
+        n = size - len(cur[0])
         ids = [bos] + cur[0] + [eos] * n + [eos]
         if pad != eos:
             first = ids.index(eos)
-            ids = ids[: first + 1] + [pad] * (76 - first)
+            ids = ids[: first + 1] + [pad] * (size + 1 - first)
         chunks.append((ids, [1.0] + cur[1] + [1.0] * (n + 1)))
         cur[0], cur[1], last_comma[0] = [], [], -1
 
@@ -183,13 +184,13 @@ def ref_chunks(text, tok, pad, emphasis="original"):
         for token in ids:
             if token == comma:
                 last_comma[0] = len(cur[0])
-            elif len(cur[0]) == 75 and last_comma[0] != -1 and 75 - last_comma[0] <= 20:
+            elif len(cur[0]) == size and last_comma[0] != -1 and size - last_comma[0] <= 20:
                 cut = last_comma[0] + 1
                 moved = (cur[0][cut:], cur[1][cut:])
                 cur[0], cur[1] = cur[0][:cut], cur[1][:cut]
                 nxt()
                 cur[0], cur[1] = list(moved[0]), list(moved[1])
-            if len(cur[0]) == 75:
+            if len(cur[0]) == size:
                 nxt()
             cur[0].append(token)
             cur[1].append(w)

@@ -103,11 +103,10 @@ class PromptAdapters:
             family = "SD 2.x" if kind == "open_clip" else "SDXL"
             note(f"--clip-skip: {family} already uses the penultimate layer; as A1111, it is not changed", sess.quiet)
         if kind == "bert" and self.clip_skip > 1:
-            note(f"--clip-skip: {self.bundle.config.name} has a BERT text encoder, not CLIP; it is not used", sess.quiet)
+            note(f"--clip-skip: {self.bundle.config.name} has a BERT text encoder, not CLIP; not used", sess.quiet)
         elif kind not in ("clip", "open_clip", "sdxl", "bert") and (self.clip_skip > 1 or self.emphasis != "original"):
             note(
-                f"--clip-skip / --emphasis: {self.bundle.config.name} has no text encoder; prompts are read as "
-                "written",
+                f"--clip-skip / --emphasis: {self.bundle.config.name} has no text encoder; prompts are read as written",
                 sess.quiet,
             )
 
