@@ -172,4 +172,9 @@ def test_cli_bad_prompt_input_on_bert(tmp_path, monkeypatch):
     assert r.exit_code == 1 and "prompt weight ':1.2.3'" in r.stderr and "Traceback" not in r.stderr
     r = cli("txt2img", "a circle", "--emphasis", "loud", "--steps", 1, "--out", "y.png")
     assert r.exit_code == 2 and "--emphasis 'loud' is unknown" in r.stderr and "Traceback" not in r.stderr
+    from safetensors.torch import save_file
+
+    save_file({"emb_params": torch.zeros(2, 128)}, str(tmp_path / "tok.safetensors"))
+    r = cli("txt2img", "a tok", "--embedding", tmp_path / "tok.safetensors", "--steps", 1, "--out", "z.png")
+    assert r.exit_code == 2 and "--embedding needs a CLIP text encoder" in r.stderr, r.stderr
     assert not list(tmp_path.glob("*.png"))
