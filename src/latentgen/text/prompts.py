@@ -263,7 +263,7 @@ def encode_chunks(
     """Context [B, n * 77, D] for B prompts' chunks, all chunks through the encoder in one batch. Prompts with
     fewer chunks than the longest get ``empty`` chunks (as A1111 pads a batch).
 
-    ``encode(ids [N, 77], token_embeds [N, 77, D] | None)`` runs one CLIP-like encoder (``token_embeds``, when
+    ``encode(ids [N, 77], token_embeds [N, 77, D] | None)`` runs one CLIP-like or BERT encoder (``token_embeds``, when
     given, holds the token embeddings with the textual-inversion vectors in place); ``table`` is its token
     embedding. With ``pooled``, ``encode`` returns (hidden, pooled [N, E]) and so does this function: the pooled
     output of each prompt's FIRST chunk, untouched by the emphasis (A1111 ``forward``: ``zs[0].pooled``)."""
