@@ -153,7 +153,7 @@ def test_plain_image_is_todays(request, model, monkeypatch):
 
 def test_cli_default_model_reads_the_syntax(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    base = ("--steps", 4, "--dtype", "fp32", "--seed", 3)
+    base = ("--steps", 3, "--dtype", "fp32", "--seed", 3, "--width", 32, "--height", 32)
     prompt = "a (red:1.4) circle"
     for args, out in [((), "w.png"), (("--emphasis", "literal"), "l.png"), (("--clip-skip", 2), "s.png")]:
         r = cli("txt2img", prompt, *base, *args, "--out", out)
