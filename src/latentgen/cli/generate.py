@@ -190,15 +190,7 @@ def txt2img(
     base = base_seed(seed, quiet)
 
     def make(item, seeds):
-        st = sess.settings(
-            item.get("steps", defaults.steps),
-            item.get("sampler", defaults.sampler),
-            defaults.karras,
-            defaults.spacing,
-            item.get("cfg", defaults.cfg),
-            defaults.eta,
-            scheduler=item.get("scheduler", defaults.scheduler),
-        )
+        st = _item_settings(sess, item, defaults)
         sub = None if defaults.subseed is None else defaults.subseed + (seeds[0] - base)  # advances with the seed
         st = replace(st, **{**seeding, "subseed": sub})
         st = sdxl_settings(st, sess.bundle.config, **item_sdxl(item, sdxl_opts))
@@ -229,19 +221,10 @@ def txt2img(
             bar.close()
         meta = {
             "task": "txt2img",
-            "prompt": text,
-            "negative": neg,
-            "steps": st.steps,
-            "sampler": st.sampler,
-            "scheduler": st.schedule_name,
-            "karras": st.schedule_name == "karras",
-            "spacing": st.spacing,
-            "cfg": st.cfg,
-            "eta": st.eta,
+            **_sampling_meta(text, neg, st),
             "width": w,
             "height": h,
-            "prediction": sess.bundle.config.prediction,
-            "model_path": sess.model_path,
+            **_model_meta(sess),
             "ema": ema,
             **sdxl_meta(st, sess.bundle.config),
             **adapter_meta,
@@ -257,6 +240,39 @@ def txt2img(
 
     run_generation(sess, items, base, num, make, {})
     sess.finish()
+
+
+def _item_settings(sess: Session, item: dict, defaults, strength: float = 0.75):
+    """The settings of one batch item: its own steps, sampler, cfg and scheduler, else the command's."""
+    return sess.settings(
+        item.get("steps", defaults.steps),
+        item.get("sampler", defaults.sampler),
+        defaults.karras,
+        defaults.spacing,
+        item.get("cfg", defaults.cfg),
+        defaults.eta,
+        strength,
+        scheduler=item.get("scheduler", defaults.scheduler),
+    )
+
+
+def _sampling_meta(prompt: str, negative: str, st) -> dict:
+    """The recipe's prompt and sampling keys, in the order every generation command writes them."""
+    return {
+        "prompt": prompt,
+        "negative": negative,
+        "steps": st.steps,
+        "sampler": st.sampler,
+        "scheduler": st.schedule_name,
+        "karras": st.schedule_name == "karras",
+        "spacing": st.spacing,
+        "cfg": st.cfg,
+        "eta": st.eta,
+    }
+
+
+def _model_meta(sess: Session) -> dict:
+    return {"prediction": sess.bundle.config.prediction, "model_path": sess.model_path}
 
 
 def _check_image_size(sess: Session, x, what: str, scale: int = 1) -> None:
@@ -388,16 +404,7 @@ def img2img(
     base = base_seed(seed, quiet)
 
     def make(item, seeds):
-        st = sess.settings(
-            item.get("steps", defaults.steps),
-            item.get("sampler", defaults.sampler),
-            defaults.karras,
-            defaults.spacing,
-            item.get("cfg", defaults.cfg),
-            defaults.eta,
-            item.get("strength", strength),
-            scheduler=item.get("scheduler", defaults.scheduler),
-        )
+        st = _item_settings(sess, item, defaults, item.get("strength", strength))
         st = sdxl_settings(st, sess.bundle.config, **item_sdxl(item, sdxl_opts))
         text, neg = item.get("prompt", ""), item.get("negative", negative or "")
         plain, plain_neg, adapter_meta = extras.apply(item, st, text, neg)
@@ -416,21 +423,12 @@ def img2img(
             bar.close()
         return imgs, {
             "task": "img2img",
-            "prompt": text,
-            "negative": neg,
-            "steps": st.steps,
-            "sampler": st.sampler,
-            "scheduler": st.schedule_name,
-            "karras": st.schedule_name == "karras",
-            "spacing": st.spacing,
-            "cfg": st.cfg,
-            "eta": st.eta,
+            **_sampling_meta(text, neg, st),
             "strength": st.strength,
             "width": init.shape[-1],
             "height": init.shape[-2],
             "init_image": image,
-            "prediction": sess.bundle.config.prediction,
-            "model_path": sess.model_path,
+            **_model_meta(sess),
             **sdxl_meta(st, sess.bundle.config),
             **adapter_meta,
         }
@@ -544,16 +542,7 @@ def inpaint(
     base = base_seed(seed, quiet)
 
     def make(item, seeds):
-        st = sess.settings(
-            item.get("steps", defaults.steps),
-            item.get("sampler", defaults.sampler),
-            defaults.karras,
-            defaults.spacing,
-            item.get("cfg", defaults.cfg),
-            defaults.eta,
-            item.get("strength", strength),
-            scheduler=item.get("scheduler", defaults.scheduler),
-        )
+        st = _item_settings(sess, item, defaults, item.get("strength", strength))
         st = sdxl_settings(st, sess.bundle.config, **item_sdxl(item, sdxl_opts))
         text, neg = item.get("prompt", ""), item.get("negative", negative or "")
         plain, plain_neg, adapter_meta = extras.apply(item, st, text, neg)
@@ -574,15 +563,7 @@ def inpaint(
             bar.close()
         return imgs, {
             "task": "inpaint",
-            "prompt": text,
-            "negative": neg,
-            "steps": st.steps,
-            "sampler": st.sampler,
-            "scheduler": st.schedule_name,
-            "karras": st.schedule_name == "karras",
-            "spacing": st.spacing,
-            "cfg": st.cfg,
-            "eta": st.eta,
+            **_sampling_meta(text, neg, st),
             "strength": st.strength,
             "width": init.shape[-1],
             "height": init.shape[-2],
@@ -590,8 +571,7 @@ def inpaint(
             "mask": mask,
             "mask_blur": mask_blur,
             "extend": extend,
-            "prediction": sess.bundle.config.prediction,
-            "model_path": sess.model_path,
+            **_model_meta(sess),
             **sdxl_meta(st, sess.bundle.config),
             **adapter_meta,
         }
@@ -716,21 +696,12 @@ def superres(
             bar.close()
         return imgs, {
             "task": "superres",
-            "prompt": text,
-            "negative": neg,
-            "steps": defaults.steps,
-            "sampler": defaults.sampler,
-            "scheduler": defaults.schedule_name,
-            "karras": defaults.schedule_name == "karras",
-            "spacing": defaults.spacing,
-            "cfg": defaults.cfg,
-            "eta": defaults.eta,
+            **_sampling_meta(text, neg, defaults),
             "noise_level": level,
             "width": low.shape[-1] * f,
             "height": low.shape[-2] * f,
             "init_image": image,
-            "prediction": sess.bundle.config.prediction,
-            "model_path": sess.model_path,
+            **_model_meta(sess),
             "ema": ema,
         }
 
