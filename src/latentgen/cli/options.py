@@ -1,6 +1,9 @@
-"""The options the generation commands share (Typer option objects)."""
+"""The options the generation commands share (Typer option objects), and `with_options`, which declares a run of
+options once for several commands."""
 
 from __future__ import annotations
+
+import inspect
 
 import typer
 
@@ -114,3 +117,22 @@ WeightsOpt = typer.Option(
     "channel), dequantised layer by layer as they run: about a quarter of the fp32 weight memory, images within a "
     "few levels. Default: as stored (see --low-memory).",
 )
+
+
+def keyword_params(**options) -> list[inspect.Parameter]:
+    """NAME=(annotation, Typer option) → keyword parameters, in that order, for `with_options`."""
+    kw = inspect.Parameter.KEYWORD_ONLY
+    return [inspect.Parameter(name, kw, default=opt, annotation=a) for name, (a, opt) in options.items()]
+
+
+def with_options(params: list[inspect.Parameter]):
+    """Give a command the Typer options `params` after its own (in --help too). The command takes them as its
+    ``**kwargs`` and hands them on whole, so commands that share a run of options declare it once."""
+
+    def decorate(fn):
+        sig = inspect.signature(fn, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        fn.__signature__ = sig.replace(parameters=[*own, *params])
+        return fn
+
+    return decorate

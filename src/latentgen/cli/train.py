@@ -4,6 +4,7 @@ inside the commands. Under `torchrun --nproc_per_node N` for data parallelism. E
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Optional
 
@@ -11,6 +12,7 @@ import typer
 
 from ..errors import ConfigError
 from .app import command
+from .options import keyword_params, with_options
 
 
 def _floats(text: str, option: str) -> tuple[float, ...]:
@@ -109,7 +111,31 @@ BudgetOpt = typer.Option(
 )
 
 
+RUN_OPTIONS = keyword_params(
+    ema_decay=(float, EmaOpt),
+    save_every=(int, SaveOpt),
+    sample_every=(int, SampleOpt),
+    log_every=(int, LogOpt),
+    bf16=(bool, Bf16Opt),
+    resume=(Optional[str], ResumeOpt),
+    overwrite=(bool, OverwriteOpt),
+    init=(Optional[str], InitOpt),
+    device=(Optional[str], DeviceOpt),
+    save_dtype=(str, SaveDtypeOpt),
+    time_budget=(float, BudgetOpt),
+)
+"""The options both training commands end with (`RunOptions`'s); each takes them as ``**run``."""
+
+
+def _options(cls, given: dict, **parsed):
+    """`cls` (AEOptions, LDMOptions) from a command's parameters (its `locals()` on entry, ``**run`` included),
+    with the `parsed` values in place of the option strings."""
+    values = {**given, **given["run"], **parsed}
+    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+
+
 @command("train-ae")
+@with_options(RUN_OPTIONS)
 def train_ae(
     data: str = DataOpt,
     reg: str = typer.Option("kl", "--reg", help="Regularisation: kl (KL penalty) or vq (vector quantisation)."),
@@ -150,68 +176,25 @@ def train_ae(
     ),
     l2_weight: float = typer.Option(0.0, "--l2-weight", help="Weight of an MSE term beside the L1 pixel loss."),
     adam_betas: str = typer.Option("0.5,0.9", "--adam-betas", help="Adam betas of autoencoder and discriminator."),
-    ema_decay: float = EmaOpt,
-    save_every: int = SaveOpt,
-    sample_every: int = SampleOpt,
-    log_every: int = LogOpt,
-    bf16: bool = Bf16Opt,
-    resume: Optional[str] = ResumeOpt,
-    overwrite: bool = OverwriteOpt,
-    init: Optional[str] = InitOpt,
-    device: Optional[str] = DeviceOpt,
-    save_dtype: str = SaveDtypeOpt,
-    time_budget: float = BudgetOpt,
+    **run,
 ) -> None:
     """Train a KL or VQ autoencoder (L1 + perceptual + PatchGAN + KL/VQ); writes OUT/autoencoder.safetensors."""
+    given = dict(locals())
     from ..training.autoencoder import train_autoencoder
     from ..training.options import AEOptions
 
-    opts = AEOptions(
-        data=data,
-        reg=reg,
-        f=f,
-        out=out,
-        size=size,
-        steps=steps,
-        batch_size=batch_size,
-        micro_batch=micro_batch,
-        lr=lr,
-        warmup=warmup,
-        lr_decay=lr_decay,
-        seed=seed,
-        ch=ch,
+    opts = _options(
+        AEOptions,
+        given,
         ch_mult=_ints(ch_mult, "--ch-mult"),
-        num_res_blocks=num_res_blocks,
         attn_resolutions=_ints(attn_resolutions, "--attn-resolutions") or (),
-        embed_dim=embed_dim,
-        n_embed=n_embed,
-        kl_weight=kl_weight,
-        codebook_weight=codebook_weight,
-        perceptual_weight=perceptual_weight,
-        lpips_vgg=lpips_vgg,
-        disc_start=disc_start,
-        disc_weight=disc_weight,
-        disc_layers=disc_layers,
-        disc_ch=disc_ch,
-        l2_weight=l2_weight,
-        norm_groups=norm_groups,
         adam_betas=_floats(adam_betas, "--adam-betas"),
-        ema_decay=ema_decay,
-        save_every=save_every,
-        sample_every=sample_every,
-        log_every=log_every,
-        bf16=bf16,
-        resume=resume,
-        overwrite=overwrite,
-        init=init,
-        device=device,
-        save_dtype=save_dtype,
-        time_budget=time_budget,
     )
     _finish(train_autoencoder(opts))
 
 
 @command("train-ldm")
+@with_options(RUN_OPTIONS)
 def train_ldm(
     data: str = DataOpt,
     ae: Optional[str] = typer.Option(None, "--ae", help="Frozen autoencoder (from train-ae, or any model file)."),
@@ -252,62 +235,17 @@ def train_ldm(
         "512x512 f=8).",
     ),
     workers: int = typer.Option(0, "--workers", help="Processes that render / load images for --cache-latents."),
-    ema_decay: float = EmaOpt,
-    save_every: int = SaveOpt,
-    sample_every: int = SampleOpt,
-    log_every: int = LogOpt,
-    bf16: bool = Bf16Opt,
-    resume: Optional[str] = ResumeOpt,
-    overwrite: bool = OverwriteOpt,
-    init: Optional[str] = InitOpt,
-    device: Optional[str] = DeviceOpt,
-    save_dtype: str = SaveDtypeOpt,
-    time_budget: float = BudgetOpt,
+    **run,
 ) -> None:
     """Train a latent diffusion model on a frozen autoencoder; writes OUT/model.safetensors (EMA weights)."""
-    from ..training.ldm import train_ldm as run
+    given = dict(locals())
+    from ..training.ldm import train_ldm as train
     from ..training.options import LDMOptions
 
-    opts = LDMOptions(
-        data=data,
-        ae=ae,
-        cond=cond,
-        out=out,
-        prediction=prediction,
-        cond_drop=cond_drop,
-        size=size,
-        steps=steps,
-        batch_size=batch_size,
-        micro_batch=micro_batch,
-        lr=lr,
-        warmup=warmup,
-        lr_decay=lr_decay,
-        seed=seed,
-        model_channels=model_channels,
+    opts = _options(
+        LDMOptions,
+        given,
         channel_mult=_ints(channel_mult, "--channel-mult"),
-        num_res_blocks=num_res_blocks,
         attention_resolutions=_ints(attention_resolutions, "--attention-resolutions"),
-        num_head_channels=num_head_channels,
-        transformer_depth=transformer_depth,
-        text_dim=text_dim,
-        text_layers=text_layers,
-        text_heads=text_heads,
-        text_length=text_length,
-        class_dim=class_dim,
-        scale_batches=scale_batches,
-        sample_steps=sample_steps,
-        cache_latents=cache_latents,
-        ema_decay=ema_decay,
-        save_every=save_every,
-        sample_every=sample_every,
-        log_every=log_every,
-        bf16=bf16,
-        resume=resume,
-        overwrite=overwrite,
-        init=init,
-        device=device,
-        save_dtype=save_dtype,
-        time_budget=time_budget,
-        workers=workers,
     )
-    _finish(run(opts))
+    _finish(train(opts))
