@@ -8,10 +8,12 @@ an item without LoRAs gets the base weights bit for bit.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
 from ..errors import CheckpointError, ConfigError, InputError
+from .options import keyword_params
 
 LoraOpt = typer.Option(
     None, "--lora", help="LoRA / LyCORIS safetensors, FILE[:WEIGHT] (repeatable); prompts may also say <lora:NAME:W>."
@@ -38,6 +40,16 @@ EmphasisOpt = typer.Option(
     None, "--emphasis", help="Prompt weights: original (default), no-norm, none (syntax stripped) or literal."
 )
 
+ADAPTER_OPTIONS = keyword_params(
+    lora=(Optional[list[str]], LoraOpt),
+    lora_dir=(Optional[list[str]], LoraDirOpt),
+    embedding=(Optional[list[str]], EmbeddingOpt),
+    clip_skip=(Optional[int], ClipSkipOpt),
+    emphasis=(Optional[str], EmphasisOpt),
+    vae=(Optional[str], VaeOpt),
+)
+"""The options txt2img, img2img and inpaint end with; each takes them as ``**adapters`` for `PromptAdapters`."""
+
 
 def parse_lora_option(spec: str) -> tuple[str, float]:
     """FILE[:WEIGHT] → (FILE, WEIGHT); the weight defaults to 1."""
@@ -54,7 +66,7 @@ class PromptAdapters:
     """The adapters and prompt options of one generation command."""
 
     def __init__(
-        self, sess, loras=None, lora_dirs=None, embeddings=None, clip_skip=None, emphasis=None, vae=None, recipe=None
+        self, sess, lora=None, lora_dir=None, embedding=None, clip_skip=None, emphasis=None, vae=None, recipe=None
     ):
         from ..adapters.embeddings import load_embeddings, load_sdxl_embeddings
         from ..adapters.lora import Merged
@@ -67,33 +79,33 @@ class PromptAdapters:
         self.emphasis = emphasis if emphasis is not None else rec.get("emphasis", "original")
         check_options(self.clip_skip, self.emphasis)
         reg = load_registry()
-        self.dirs = [Path(d) for d in [*(lora_dirs or []), *reg.get("lora_dirs", [])]]
+        self.dirs = [Path(d) for d in [*(lora_dir or []), *reg.get("lora_dirs", [])]]
         self.cache: dict[Path, tuple[list, str]] = {}
         self.merged = Merged()
         self.fixed = []
-        for spec in loras or []:
+        for spec in lora or []:
             path, weight = parse_lora_option(spec)
             self.fixed.append((self._deltas_for(Path(path), f"--lora {spec}"), weight, weight))
         self.a1111_hashes = dict(rec.get("lora_hashes") or {})
-        self.from_recipe = bool(rec.get("loras")) and not loras
+        self.from_recipe = bool(rec.get("loras")) and not lora
         if self.from_recipe:  # the recorded files, by path and checked by sha256; the prompt's tags are not re-read
             for e in rec["loras"]:
                 path = self._deltas_for(recorded(e, "LoRA"), "--recipe LoRA")
                 self.fixed.append((path, float(e["te"]), float(e["unet"])))
-        if not embeddings and rec.get("embeddings"):
-            embeddings = [str(recorded(e, "embedding")) for e in rec["embeddings"]]
+        if not embedding and rec.get("embeddings"):
+            embedding = [str(recorded(e, "embedding")) for e in rec["embeddings"]]
         if not vae and rec.get("vae"):
             vae = str(recorded(rec["vae"], "VAE"))
         self.vectors = {}
         kind = self.bundle.config.cond.kind
-        if embeddings:
+        if embedding:
             cond = self.bundle.cond
             if kind == "sdxl":  # vectors per encoder: clip_l for CLIP-L (absent in the refiner), clip_g for bigG
                 widths = {"clip_l": cond.cfg.clip_l, "clip_g": cond.cfg.bigg}
                 widths = {k: c.hidden_size for k, c in widths.items() if c is not None}
-                self.vectors = load_sdxl_embeddings(embeddings, widths)
+                self.vectors = load_sdxl_embeddings(embedding, widths)
             elif kind in ("clip", "open_clip"):
-                self.vectors = load_embeddings(embeddings, cond.cfg.hidden_size)
+                self.vectors = load_embeddings(embedding, cond.cfg.hidden_size)
             else:
                 raise ConfigError(f"--embedding needs a CLIP text encoder; {self.bundle.config.name} has none")
         self.vae = self._override_vae(vae)

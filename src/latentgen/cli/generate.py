@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..errors import ConfigError, InputError
-from .adapters import ClipSkipOpt, EmbeddingOpt, EmphasisOpt, LoraDirOpt, LoraOpt, PromptAdapters, VaeOpt
+from .adapters import ADAPTER_OPTIONS, PromptAdapters
 from .app import command, note
 from .batch import base_seed, check_options, run_generation
 from .options import (
@@ -37,6 +37,7 @@ from .options import (
     StepsOpt,
     WeightsOpt,
     WidthOpt,
+    with_options,
 )
 from .recipe import _recipe, _recipe_run
 from .sdxl import (
@@ -56,6 +57,7 @@ from .session import Session
 
 
 @command()
+@with_options(ADAPTER_OPTIONS)
 def txt2img(
     prompt: Optional[str] = typer.Argument(None, help="The prompt, or - to read prompts / JSON lines from stdin."),
     negative: Optional[str] = NegativeOpt,
@@ -111,12 +113,7 @@ def txt2img(
     negative_aesthetic_score: Optional[float] = NegAestheticOpt,
     refiner: Optional[str] = RefinerOpt,
     refiner_start: Optional[float] = RefinerStartOpt,
-    lora: Optional[list[str]] = LoraOpt,
-    lora_dir: Optional[list[str]] = LoraDirOpt,
-    embedding: Optional[list[str]] = EmbeddingOpt,
-    clip_skip: Optional[int] = ClipSkipOpt,
-    emphasis: Optional[str] = EmphasisOpt,
-    vae: Optional[str] = VaeOpt,
+    **adapters,
 ) -> None:
     """Generate images from text (or class labels, or nothing for unconditional models).
 
@@ -186,7 +183,7 @@ def txt2img(
     w0, h0 = sess.size(width, height, rec)
     pipelines.check_size(sess.bundle, w0, h0)
     pipelines.guard_memory(sess.bundle, num, w0, h0, defaults)
-    extras = PromptAdapters(sess, lora, lora_dir, embedding, clip_skip, emphasis, vae, recipe=rec)
+    extras = PromptAdapters(sess, **adapters, recipe=rec)
     base = base_seed(seed, quiet)
 
     def make(item, seeds):
@@ -324,6 +321,7 @@ def _outpaint_canvas(image, mask, extend):
 
 
 @command()
+@with_options(ADAPTER_OPTIONS)
 def img2img(
     image: str = typer.Argument(..., help="Input image."),
     prompt: Optional[str] = typer.Argument(None, help="The prompt, or - for stdin."),
@@ -355,12 +353,7 @@ def img2img(
     target_size: Optional[str] = TargetSizeOpt,
     aesthetic_score: Optional[float] = AestheticOpt,
     negative_aesthetic_score: Optional[float] = NegAestheticOpt,
-    lora: Optional[list[str]] = LoraOpt,
-    lora_dir: Optional[list[str]] = LoraDirOpt,
-    embedding: Optional[list[str]] = EmbeddingOpt,
-    clip_skip: Optional[int] = ClipSkipOpt,
-    emphasis: Optional[str] = EmphasisOpt,
-    vae: Optional[str] = VaeOpt,
+    **adapters,
 ) -> None:
     """Change an image towards a prompt (SDEdit: encode, noise to the strength's σ, denoise the tail).
 
@@ -400,7 +393,7 @@ def img2img(
     defaults = sess.settings(steps, sampler, karras, spacing, cfg, eta, strength, scheduler=scheduler)
     defaults = sdxl_settings(defaults, sess.bundle.config, **sdxl_opts)
     pipelines.guard_memory(sess.bundle, num, init.shape[-1], init.shape[-2], defaults)
-    extras = PromptAdapters(sess, lora, lora_dir, embedding, clip_skip, emphasis, vae)
+    extras = PromptAdapters(sess, **adapters)
     base = base_seed(seed, quiet)
 
     def make(item, seeds):
@@ -438,6 +431,7 @@ def img2img(
 
 
 @command()
+@with_options(ADAPTER_OPTIONS)
 def inpaint(
     image: str = typer.Argument(..., help="Input image."),
     prompt: Optional[str] = typer.Argument(None, help="The prompt, or - for stdin."),
@@ -471,12 +465,7 @@ def inpaint(
     original_size: Optional[str] = OriginalSizeOpt,
     crop: Optional[str] = CropOpt,
     target_size: Optional[str] = TargetSizeOpt,
-    lora: Optional[list[str]] = LoraOpt,
-    lora_dir: Optional[list[str]] = LoraDirOpt,
-    embedding: Optional[list[str]] = EmbeddingOpt,
-    clip_skip: Optional[int] = ClipSkipOpt,
-    emphasis: Optional[str] = EmphasisOpt,
-    vae: Optional[str] = VaeOpt,
+    **adapters,
 ) -> None:
     """Repaint the white part of a mask (or the border added by --extend)."""
     sdxl_opts = dict(
@@ -538,7 +527,7 @@ def inpaint(
     defaults = sess.settings(steps, sampler, karras, spacing, cfg, eta, strength, scheduler=scheduler)
     defaults = sdxl_settings(defaults, sess.bundle.config, **sdxl_opts)
     pipelines.guard_memory(sess.bundle, num, init.shape[-1], init.shape[-2], defaults)
-    extras = PromptAdapters(sess, lora, lora_dir, embedding, clip_skip, emphasis, vae)
+    extras = PromptAdapters(sess, **adapters)
     base = base_seed(seed, quiet)
 
     def make(item, seeds):
