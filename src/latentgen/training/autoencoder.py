@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import ConfigError
 from .batches import BatchStream, MicroPlan, open_data, plan_micro_batches, step_seed
 from .distributed import Dist, autocast, setup_distributed
-from .loop import Loop, cast_copy, deadline, lr_at, save_grid, set_lr, stderr_log
+from .loop import cast_copy, lr_at, run_trainer, save_grid, set_lr, stderr_log
 from .losses import HingeLoss, NLayerDiscriminator, adaptive_weight, perceptual_loss, perceptual_name
 from .options import AE_FILE, STATE_FILE, AEOptions, TrainResult, check_run_options
 from .state import EMA, check_resume, prepare_out, save_state
@@ -227,15 +227,4 @@ def train_autoencoder(opts: AEOptions, *, log=stderr_log, callback=None) -> Trai
             f"train-ae: {cfg.kind.upper()} f={cfg.factor}, {sum(p.numel() for p in ae.parameters()) / 1e6:.2f}M "
             f"params, perceptual loss: {perceptual_name(perceptual)}, {dist.world} process(es), from step {start}"
         )
-    result = TrainResult(out, start, model_path=out / AE_FILE)
-    loop = Loop(
-        opts,
-        dist,
-        trainer.step,
-        lambda s: trainer.save(out, s, meta),
-        lambda s: trainer.sample(out, s),
-        log,
-        callback,
-        deadline(opts, t_begin),
-    )
-    return loop.run(start, result)
+    return run_trainer(opts, dist, trainer, start, out, AE_FILE, meta, log, callback, t_begin)

@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError, InputError
 from .batches import BatchStream, MicroPlan, open_data, plan_micro_batches, step_seed
 from .distributed import Dist, autocast, setup_distributed
-from .loop import Loop, cast_copy, deadline, lr_at, save_grid, set_lr, stderr_log
+from .loop import cast_copy, lr_at, run_trainer, save_grid, set_lr, stderr_log
 from .options import COND_CHOICES, LDM_FILE, STATE_FILE, LDMOptions, TrainResult, check_run_options
 from .state import EMA, TrainState, check_resume, prepare_out, save_state
 
@@ -430,15 +430,4 @@ def train_ldm(opts: LDMOptions, *, log=stderr_log, callback=None) -> TrainResult
             f"train-ldm: cond {cond_name(cfg)} ({cfg.conditioning_key}), {opts.prediction}-prediction, UNet {n:.2f}M "
             f"params, scale {cfg.scale_factor:.5g}, {dist.world} process(es), from step {start}"
         )
-    result = TrainResult(out, start, model_path=out / LDM_FILE)
-    loop = Loop(
-        opts,
-        dist,
-        trainer.step,
-        lambda s: trainer.save(out, s, meta),
-        lambda s: trainer.sample(out, s),
-        log,
-        callback,
-        deadline(opts, t_begin),
-    )
-    return loop.run(start, result)
+    return run_trainer(opts, dist, trainer, start, out, LDM_FILE, meta, log, callback, t_begin)

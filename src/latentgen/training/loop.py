@@ -151,6 +151,32 @@ class Loop:
         return result
 
 
+def run_trainer(
+    opts: RunOptions,
+    dist: Dist,
+    trainer,
+    start: int,
+    out: Path,
+    model_file: str,
+    meta: dict,
+    log,
+    callback,
+    t_begin: float,
+) -> TrainResult:
+    """Run `trainer` (its step, save and sample methods) from `start` in a `Loop`; the result names OUT/model_file."""
+    loop = Loop(
+        opts,
+        dist,
+        trainer.step,
+        lambda s: trainer.save(out, s, meta),
+        lambda s: trainer.sample(out, s),
+        log,
+        callback,
+        deadline(opts, t_begin),
+    )
+    return loop.run(start, TrainResult(out, start, model_path=out / model_file))
+
+
 def save_grid(rows: list[torch.Tensor], path: Path, text: dict | None = None) -> None:
     """Rows of images [n, 3, h, w] in [0, 1] (resized to the first row's size) → one PNG."""
     from ..images import save_png, to_pil
