@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 from typing import Optional
 
 import typer
@@ -37,6 +38,7 @@ from .options import (
     StepsOpt,
     WeightsOpt,
     WidthOpt,
+    keyword_params,
     with_options,
 )
 from .recipe import _recipe, _recipe_run
@@ -320,66 +322,135 @@ def _outpaint_canvas(image, mask, extend):
     return image, mask
 
 
+EDIT_OPTIONS = keyword_params(
+    negative=(Optional[str], NegativeOpt),
+    model=(Optional[str], ModelOpt),
+    steps=(Optional[int], StepsOpt),
+    sampler=(Optional[str], SamplerOpt),
+    karras=(Optional[bool], KarrasOpt),
+    scheduler=(Optional[str], SchedulerOpt),
+    spacing=(Optional[str], SpacingOpt),
+    cfg=(Optional[float], CfgOpt),
+    eta=(Optional[float], EtaOpt),
+    seed=(Optional[int], SeedOpt),
+    num=(int, NumOpt),
+    out=(Optional[str], OutOpt),
+    dtype=(str, DtypeOpt),
+    device=(str, DeviceOpt),
+    as_json=(bool, JsonOpt),
+    overwrite=(bool, OverwriteOpt),
+    quiet=(bool, QuietOpt),
+    prediction=(Optional[str], PredictionOpt),
+    config=(Optional[str], ConfigOpt),
+    ema=(bool, EmaOpt),
+    low_memory=(Optional[bool], LowMemOpt),
+    weights=(Optional[str], WeightsOpt),
+    original_size=(Optional[str], OriginalSizeOpt),
+    crop=(Optional[str], CropOpt),
+    target_size=(Optional[str], TargetSizeOpt),
+)
+"""The options img2img and inpaint take after their own: `EditJob`'s."""
+
+AESTHETIC_OPTIONS = keyword_params(
+    aesthetic_score=(Optional[float], AestheticOpt), negative_aesthetic_score=(Optional[float], NegAestheticOpt)
+)
+
+
+class EditJob:
+    """img2img and inpaint: an input image (and mask) denoised towards each item's prompt.
+
+    `opts` are the command's `EDIT_OPTIONS`, its aesthetic scores and its `ADAPTER_OPTIONS`."""
+
+    def __init__(self, task: str, image: str, prompt: Optional[str], strength: float, opts: dict):
+        self.task, self.image, self.prompt, self.strength = task, image, prompt, strength
+        self.adapters = {p.name: opts.pop(p.name) for p in ADAPTER_OPTIONS}
+        self.sdxl_opts = {
+            "original_size": opts.pop("original_size"),
+            "crop": opts.pop("crop"),
+            "target_size": opts.pop("target_size"),
+            "aesthetic_score": opts.pop("aesthetic_score", None),
+            "negative_aesthetic_score": opts.pop("negative_aesthetic_score", None),
+        }
+        self.o = SimpleNamespace(**opts)
+
+    def check_options(self, **extra) -> None:
+        o = self.o
+        check_options(
+            steps=o.steps,
+            sampler=o.sampler,
+            spacing=o.spacing,
+            cfg=o.cfg,
+            eta=o.eta,
+            seed=o.seed,
+            num=o.num,
+            strength=self.strength,
+            **extra,
+            dtype=o.dtype,
+        )
+
+    def session(self) -> Session:
+        o = self.o
+        args = (o.model, o.prediction, o.config, o.dtype, o.device, o.quiet, o.as_json, o.overwrite, o.out, o.ema)
+        return Session(self.task, *args, o.low_memory, o.weights)
+
+    def run(self, sess: Session, init, denoise, extra_meta: dict) -> None:
+        """Every item through `denoise(init, prompts, negatives, seeds, settings, callback)`, checked first."""
+        from .. import pipelines
+
+        o = self.o
+        items = sess.read_items(self.prompt)
+        sess.check_outputs(items, o.num)
+        defaults = sess.settings(
+            o.steps, o.sampler, o.karras, o.spacing, o.cfg, o.eta, self.strength, scheduler=o.scheduler
+        )
+        defaults = sdxl_settings(defaults, sess.bundle.config, **self.sdxl_opts)
+        pipelines.guard_memory(sess.bundle, o.num, init.shape[-1], init.shape[-2], defaults)
+        extras = PromptAdapters(sess, **self.adapters)
+        base = base_seed(o.seed, o.quiet)
+
+        def make(item, seeds):
+            st = _item_settings(sess, item, defaults, item.get("strength", self.strength))
+            st = sdxl_settings(st, sess.bundle.config, **item_sdxl(item, self.sdxl_opts))
+            text, neg = item.get("prompt", ""), item.get("negative", o.negative or "")
+            plain, plain_neg, adapter_meta = extras.apply(item, st, text, neg)
+            n = len(seeds)
+            bar = sess.progress(st.steps, text[:40] or self.task)
+            try:
+                imgs = denoise(init.expand(n, -1, -1, -1), [plain] * n, [plain_neg] * n, seeds, st, bar)
+            finally:
+                bar.close()
+            return imgs, {
+                "task": self.task,
+                **_sampling_meta(text, neg, st),
+                "strength": st.strength,
+                "width": init.shape[-1],
+                "height": init.shape[-2],
+                "init_image": self.image,
+                **extra_meta,
+                **_model_meta(sess),
+                **sdxl_meta(st, sess.bundle.config),
+                **adapter_meta,
+            }
+
+        run_generation(sess, items, base, o.num, make, {})
+        sess.finish()
+
+
 @command()
-@with_options(ADAPTER_OPTIONS)
+@with_options(EDIT_OPTIONS + AESTHETIC_OPTIONS + ADAPTER_OPTIONS)
 def img2img(
     image: str = typer.Argument(..., help="Input image."),
     prompt: Optional[str] = typer.Argument(None, help="The prompt, or - for stdin."),
     strength: float = typer.Option(0.75, "--strength", help="How much to change the image, in (0, 1]."),
-    negative: Optional[str] = NegativeOpt,
-    model: Optional[str] = ModelOpt,
-    steps: Optional[int] = StepsOpt,
-    sampler: Optional[str] = SamplerOpt,
-    karras: Optional[bool] = KarrasOpt,
-    scheduler: Optional[str] = SchedulerOpt,
-    spacing: Optional[str] = SpacingOpt,
-    cfg: Optional[float] = CfgOpt,
-    eta: Optional[float] = EtaOpt,
-    seed: Optional[int] = SeedOpt,
-    num: int = NumOpt,
-    out: Optional[str] = OutOpt,
-    dtype: str = DtypeOpt,
-    device: str = DeviceOpt,
-    as_json: bool = JsonOpt,
-    overwrite: bool = OverwriteOpt,
-    quiet: bool = QuietOpt,
-    prediction: Optional[str] = PredictionOpt,
-    config: Optional[str] = ConfigOpt,
-    ema: bool = EmaOpt,
-    low_memory: Optional[bool] = LowMemOpt,
-    weights: Optional[str] = WeightsOpt,
-    original_size: Optional[str] = OriginalSizeOpt,
-    crop: Optional[str] = CropOpt,
-    target_size: Optional[str] = TargetSizeOpt,
-    aesthetic_score: Optional[float] = AestheticOpt,
-    negative_aesthetic_score: Optional[float] = NegAestheticOpt,
-    **adapters,
+    **opts,
 ) -> None:
     """Change an image towards a prompt (SDEdit: encode, noise to the strength's σ, denoise the tail).
 
     Works with an SDXL refiner alone (--model REFINER), which conditions on --aesthetic-score."""
-    sdxl_opts = dict(
-        original_size=original_size,
-        crop=crop,
-        target_size=target_size,
-        aesthetic_score=aesthetic_score,
-        negative_aesthetic_score=negative_aesthetic_score,
-    )
-    check_options(
-        steps=steps,
-        sampler=sampler,
-        spacing=spacing,
-        cfg=cfg,
-        eta=eta,
-        seed=seed,
-        num=num,
-        strength=strength,
-        dtype=dtype,
-    )
+    job = EditJob("img2img", image, prompt, strength, opts)
+    job.check_options()
     init = _load_input_image(image)
-    sess = Session(
-        "img2img", model, prediction, config, dtype, device, quiet, as_json, overwrite, out, ema, low_memory, weights
-    )
+    sess = job.session()
     from .. import pipelines
 
     if sess.bundle.config.concat is not None:
@@ -388,50 +459,15 @@ def img2img(
             "ordinary text-to-image model (--model)"
         )
     _check_image_size(sess, init, image)
-    items = sess.read_items(prompt)
-    sess.check_outputs(items, num)
-    defaults = sess.settings(steps, sampler, karras, spacing, cfg, eta, strength, scheduler=scheduler)
-    defaults = sdxl_settings(defaults, sess.bundle.config, **sdxl_opts)
-    pipelines.guard_memory(sess.bundle, num, init.shape[-1], init.shape[-2], defaults)
-    extras = PromptAdapters(sess, **adapters)
-    base = base_seed(seed, quiet)
 
-    def make(item, seeds):
-        st = _item_settings(sess, item, defaults, item.get("strength", strength))
-        st = sdxl_settings(st, sess.bundle.config, **item_sdxl(item, sdxl_opts))
-        text, neg = item.get("prompt", ""), item.get("negative", negative or "")
-        plain, plain_neg, adapter_meta = extras.apply(item, st, text, neg)
-        bar = sess.progress(st.steps, text[:40] or "img2img")
-        try:
-            imgs = pipelines.img2img(
-                sess.bundle,
-                init.expand(len(seeds), -1, -1, -1),
-                [plain] * len(seeds),
-                [plain_neg] * len(seeds),
-                seeds,
-                st,
-                callback=bar,
-            )
-        finally:
-            bar.close()
-        return imgs, {
-            "task": "img2img",
-            **_sampling_meta(text, neg, st),
-            "strength": st.strength,
-            "width": init.shape[-1],
-            "height": init.shape[-2],
-            "init_image": image,
-            **_model_meta(sess),
-            **sdxl_meta(st, sess.bundle.config),
-            **adapter_meta,
-        }
+    def denoise(x, prompts, negatives, seeds, st, bar):
+        return pipelines.img2img(sess.bundle, x, prompts, negatives, seeds, st, callback=bar)
 
-    run_generation(sess, items, base, num, make, {})
-    sess.finish()
+    job.run(sess, init, denoise, {})
 
 
 @command()
-@with_options(ADAPTER_OPTIONS)
+@with_options(EDIT_OPTIONS + ADAPTER_OPTIONS)
 def inpaint(
     image: str = typer.Argument(..., help="Input image."),
     prompt: Optional[str] = typer.Argument(None, help="The prompt, or - for stdin."),
@@ -440,55 +476,13 @@ def inpaint(
     resize_mask: bool = typer.Option(False, "--resize-mask", help="Resize a mask of another size to the image."),
     extend: Optional[str] = typer.Option(None, "--extend", help="Outpaint: pad the canvas by L,T,R,B pixels."),
     strength: float = typer.Option(1.0, "--strength", help="For the repainted region, in (0, 1]."),
-    negative: Optional[str] = NegativeOpt,
-    model: Optional[str] = ModelOpt,
-    steps: Optional[int] = StepsOpt,
-    sampler: Optional[str] = SamplerOpt,
-    karras: Optional[bool] = KarrasOpt,
-    scheduler: Optional[str] = SchedulerOpt,
-    spacing: Optional[str] = SpacingOpt,
-    cfg: Optional[float] = CfgOpt,
-    eta: Optional[float] = EtaOpt,
-    seed: Optional[int] = SeedOpt,
-    num: int = NumOpt,
-    out: Optional[str] = OutOpt,
-    dtype: str = DtypeOpt,
-    device: str = DeviceOpt,
-    as_json: bool = JsonOpt,
-    overwrite: bool = OverwriteOpt,
-    quiet: bool = QuietOpt,
-    prediction: Optional[str] = PredictionOpt,
-    config: Optional[str] = ConfigOpt,
-    ema: bool = EmaOpt,
-    low_memory: Optional[bool] = LowMemOpt,
-    weights: Optional[str] = WeightsOpt,
-    original_size: Optional[str] = OriginalSizeOpt,
-    crop: Optional[str] = CropOpt,
-    target_size: Optional[str] = TargetSizeOpt,
-    **adapters,
+    **opts,
 ) -> None:
     """Repaint the white part of a mask (or the border added by --extend)."""
-    sdxl_opts = dict(
-        original_size=original_size,
-        crop=crop,
-        target_size=target_size,
-        aesthetic_score=None,
-        negative_aesthetic_score=None,
-    )
     import torch
 
-    check_options(
-        steps=steps,
-        sampler=sampler,
-        spacing=spacing,
-        cfg=cfg,
-        eta=eta,
-        seed=seed,
-        num=num,
-        strength=strength,
-        mask_blur=mask_blur,
-        dtype=dtype,
-    )
+    job = EditJob("inpaint", image, prompt, strength, opts)
+    job.check_options(mask_blur=mask_blur)
     ext = _parse_extend(extend)
     if mask is None and ext is None:
         raise ConfigError("inpaint needs --mask MASK or --extend L,T,R,B")
@@ -514,59 +508,18 @@ def inpaint(
         m = torch.zeros_like(init[:, :1])
     if ext is not None:
         init, m = _outpaint_canvas(init, m, ext)
-    sess = Session(
-        "inpaint", model, prediction, config, dtype, device, quiet, as_json, overwrite, out, ema, low_memory, weights
-    )
+    sess = job.session()
     from .. import pipelines
 
     if sess.bundle.config.concat == "lowres":
         raise ConfigError(f"model {sess.bundle.config.name} is a super-resolution model: use `latentgen superres`")
     _check_image_size(sess, init, image + (f" extended by {extend}" if extend else ""))
-    items = sess.read_items(prompt)
-    sess.check_outputs(items, num)
-    defaults = sess.settings(steps, sampler, karras, spacing, cfg, eta, strength, scheduler=scheduler)
-    defaults = sdxl_settings(defaults, sess.bundle.config, **sdxl_opts)
-    pipelines.guard_memory(sess.bundle, num, init.shape[-1], init.shape[-2], defaults)
-    extras = PromptAdapters(sess, **adapters)
-    base = base_seed(seed, quiet)
 
-    def make(item, seeds):
-        st = _item_settings(sess, item, defaults, item.get("strength", strength))
-        st = sdxl_settings(st, sess.bundle.config, **item_sdxl(item, sdxl_opts))
-        text, neg = item.get("prompt", ""), item.get("negative", negative or "")
-        plain, plain_neg, adapter_meta = extras.apply(item, st, text, neg)
-        n = len(seeds)
-        bar = sess.progress(st.steps, text[:40] or "inpaint")
-        try:
-            imgs = pipelines.inpaint(
-                sess.bundle,
-                init.expand(n, -1, -1, -1),
-                m.expand(n, -1, -1, -1),
-                [plain] * n,
-                [plain_neg] * n,
-                seeds,
-                st,
-                callback=bar,
-            )
-        finally:
-            bar.close()
-        return imgs, {
-            "task": "inpaint",
-            **_sampling_meta(text, neg, st),
-            "strength": st.strength,
-            "width": init.shape[-1],
-            "height": init.shape[-2],
-            "init_image": image,
-            "mask": mask,
-            "mask_blur": mask_blur,
-            "extend": extend,
-            **_model_meta(sess),
-            **sdxl_meta(st, sess.bundle.config),
-            **adapter_meta,
-        }
+    def denoise(x, prompts, negatives, seeds, st, bar):
+        masks = m.expand(len(seeds), -1, -1, -1)
+        return pipelines.inpaint(sess.bundle, x, masks, prompts, negatives, seeds, st, callback=bar)
 
-    run_generation(sess, items, base, num, make, {})
-    sess.finish()
+    job.run(sess, init, denoise, {"mask": mask, "mask_blur": mask_blur, "extend": extend})
 
 
 @command()
