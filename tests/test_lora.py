@@ -13,19 +13,9 @@ from latentgen.pipelines import Settings
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
-from test_pipelines import _pair, _sd_pipeline, assert_images_match  # noqa: E402
+from test_pipelines import _sd_pipeline, assert_images_match  # noqa: E402
 
 RANK = 4
-
-
-@pytest.fixture(scope="module")
-def sd1(fixtures_dir, fixture_config, tmp_path_factory):
-    return _pair(fixtures_dir, fixture_config, tmp_path_factory, "sd1-tiny", {}, "<|endoftext|>", "epsilon")
-
-
-@pytest.fixture(scope="module")
-def sd2(fixtures_dir, fixture_config, tmp_path_factory):
-    return _pair(fixtures_dir, fixture_config, tmp_path_factory, "sd2-tiny", {}, "!", "v_prediction")
 
 
 def _targets(model, kinds):

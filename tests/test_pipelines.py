@@ -17,16 +17,6 @@ PROMPTS = ["a red circle above a blue square", "an oil painting of a lighthouse 
 NEG = "blurry"
 
 
-@pytest.fixture(scope="module")
-def sd1(fixtures_dir, fixture_config, tmp_path_factory):
-    return _pair(fixtures_dir, fixture_config, tmp_path_factory, "sd1-tiny", {}, "<|endoftext|>", "epsilon")
-
-
-@pytest.fixture(scope="module")
-def sd2(fixtures_dir, fixture_config, tmp_path_factory):
-    return _pair(fixtures_dir, fixture_config, tmp_path_factory, "sd2-tiny", {}, "!", "v_prediction")
-
-
 def _pair(fixtures_dir, fixture_config, tmp_path_factory, name, _, pad, prediction):
     """(our bundle from the original file, the diffusers components converted from the same file)."""
     cfg = fixture_config(name)

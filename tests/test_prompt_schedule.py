@@ -275,10 +275,3 @@ def test_cli_records_the_prompt_verbatim_and_replays_it(sd1_file, tmp_path, monk
     assert np.array_equal(pixels("a.png"), pixels("b.png"))
     r = cli("txt2img", "a red cat", *base, "--negative", "ugly", "--out", "c.png")
     assert r.exit_code == 0 and not np.array_equal(pixels("a.png"), pixels("c.png"))
-
-
-@pytest.fixture(scope="module")
-def sd1(fixtures_dir, fixture_config, tmp_path_factory):
-    from test_pipelines import _pair
-
-    return _pair(fixtures_dir, fixture_config, tmp_path_factory, "sd1-tiny", {}, "<|endoftext|>", "epsilon")

@@ -17,21 +17,11 @@ from latentgen.pipelines import Settings
 from latentgen.text.prompts import clip_vocabulary, encode_prompts, make_chunks, parse_attention
 
 diffusers = pytest.importorskip("diffusers")
-from test_pipelines import _pair, _scheduler, _sd_pipeline, _tokenizer, assert_images_match  # noqa: E402
+from test_pipelines import _scheduler, _sd_pipeline, _tokenizer, assert_images_match  # noqa: E402
 
 LONG = ", ".join(["a photo of a (red:1.2) cat"] * 9) + ", [[blue]] sky BREAK (a lighthouse:0.7) at (night)"
 NEG_LONG = ", ".join(["blurry"] * 50) + ", (ugly:1.4) BREAK low quality"
 BACKTRACK = ", ".join(["a photo of a (cat:1.3)"] * 14)  # the 13th segment crosses token 75: it moves on
-
-
-@pytest.fixture(scope="module")
-def sd1(fixtures_dir, fixture_config, tmp_path_factory):
-    return _pair(fixtures_dir, fixture_config, tmp_path_factory, "sd1-tiny", {}, "<|endoftext|>", "epsilon")
-
-
-@pytest.fixture(scope="module")
-def sd2(fixtures_dir, fixture_config, tmp_path_factory):
-    return _pair(fixtures_dir, fixture_config, tmp_path_factory, "sd2-tiny", {}, "!", "v_prediction")
 
 
 # ------------------------------------------------------------------------------------------- hand-worked

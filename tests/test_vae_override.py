@@ -16,12 +16,7 @@ from latentgen.errors import CheckpointError
 from latentgen.pipelines import Settings
 
 diffusers = pytest.importorskip("diffusers")
-from test_pipelines import _pair, _sd_pipeline, assert_images_match  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def sd1(fixtures_dir, fixture_config, tmp_path_factory):
-    return _pair(fixtures_dir, fixture_config, tmp_path_factory, "sd1-tiny", {}, "<|endoftext|>", "epsilon")
+from test_pipelines import _sd_pipeline, assert_images_match  # noqa: E402
 
 
 def test_vae_override_matches_swapping_diffusers_vae(sd1, tmp_path):
