@@ -379,7 +379,21 @@ class DiagonalGaussian:
         return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
 
 
-class AutoencoderKL(nn.Module):
+class _FirstStage(nn.Module):
+    """What both autoencoders answer from their config: latent channels and downsampling factor."""
+
+    config: AutoencoderConfig
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.embed_dim
+
+    @property
+    def factor(self) -> int:
+        return self.config.factor
+
+
+class AutoencoderKL(_FirstStage):
     """KL-regularised autoencoder (ldm.models.autoencoder.AutoencoderKL)."""
 
     def __init__(self, cfg: AutoencoderConfig):
@@ -391,14 +405,6 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
-
-    @property
-    def latent_channels(self) -> int:
-        return self.config.embed_dim
-
-    @property
-    def factor(self) -> int:
-        return self.config.factor
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         return DiagonalGaussian(self.quant_conv(self.encoder(x)))
@@ -464,7 +470,7 @@ class VectorQuantizer(nn.Module):
         return z_q, loss, indices
 
 
-class VQModel(nn.Module):
+class VQModel(_FirstStage):
     """VQ-regularised autoencoder (ldm.models.autoencoder.VQModel / VQModelInterface).
 
     `encode` returns the pre-quantisation latent (what LDM diffuses); `decode` quantises first unless
@@ -481,14 +487,6 @@ class VQModel(nn.Module):
         self.quantize = VectorQuantizer(cfg.n_embed, cfg.embed_dim, beta=beta)
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
-
-    @property
-    def latent_channels(self) -> int:
-        return self.config.embed_dim
-
-    @property
-    def factor(self) -> int:
-        return self.config.factor
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_conv(self.encoder(x))
