@@ -41,6 +41,41 @@ def sd2(fixtures_dir, fixture_config, tmp_path_factory):
     return _pair(fixtures_dir, fixture_config, tmp_path_factory, "sd2-tiny", {}, "!", "v_prediction")
 
 
+@pytest.fixture(scope="module")
+def base():
+    """The SDXL base fixture (sdxl/), loaded by latentgen; the SDXL test modules skip where it is absent."""
+    from sdxl_reference import BASE
+
+    from latentgen.loading.bundle import load_model
+
+    return load_model(str(BASE))
+
+
+@pytest.fixture(scope="module")
+def components():
+    """The SDXL base fixture as diffusers StableDiffusionXL pipeline components (no scheduler)."""
+    from sdxl_reference import base_components
+
+    return base_components()
+
+
+@pytest.fixture(scope="module", params=["folder", "file"])
+def refiner(components, tmp_path_factory, request):
+    """The tiny refiner loaded by latentgen as a diffusers folder, or as an original single file (the UNet's
+    names converted by sdxl_reference.unet_to_original; bigG at conditioner.embedders.0) read from the file
+    alone; with its diffusers components. test_sdxl_lora defines its own (the folder only)."""
+    from sdxl_reference import refiner_single_file, tiny_refiner
+    from test_pipelines import _scheduler
+
+    from latentgen.loading.bundle import load_model
+
+    tmp = tmp_path_factory.mktemp("refiner")
+    parts = tiny_refiner(components, tmp / "d", _scheduler("euler", False, "epsilon"))
+    if request.param == "file":
+        return load_model(str(refiner_single_file(parts["unet"], tmp / "sdxl-refiner-tiny.safetensors"))), parts
+    return load_model(str(tmp / "d")), parts
+
+
 def pytest_configure(config):
     # Tiny models are faster on one thread, and a shared 2-core machine collapses under oversubscription.
     import torch

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from sdxl_reference import BASE, SDXL_DIR, base_components, fixture_ckpt, sgm_config
+from sdxl_reference import BASE, SDXL_DIR, fixture_ckpt, sgm_config
 
 from latentgen import pipelines
 from latentgen.adapters.lora import AdapterWarning, Merged, lora_deltas
@@ -36,16 +36,6 @@ H, W = 32, 48
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1", "conv_shortcut")
 UNET_TARGETS += ("add_embedding.linear_1", "add_embedding.linear_2", "time_embedding.linear_1")
 TE_TARGETS = ("q_proj", "v_proj", "out_proj", "fc1")
-
-
-@pytest.fixture(scope="module")
-def base():
-    return load_model(str(BASE))
-
-
-@pytest.fixture(scope="module")
-def components():
-    return base_components()
 
 
 def original_names(unet) -> dict[str, str]:

@@ -11,12 +11,9 @@ from safetensors.torch import load_file
 from sdxl_reference import (
     BASE,
     SDXL_DIR,
-    base_components,
     base_config,
     inpaint_single_file,
-    refiner_single_file,
     save_folder,
-    tiny_refiner,
 )
 
 from latentgen import pipelines
@@ -37,16 +34,6 @@ pytestmark = [
 PROMPTS = ["a red cube on top of a blue sphere", "an oil painting of a lighthouse at night"]
 SEEDS = [1234, 1235]
 H, W = 64, 128  # non-square, to catch h/w swaps
-
-
-@pytest.fixture(scope="module")
-def base():
-    return load_model(str(BASE))
-
-
-@pytest.fixture(scope="module")
-def components():
-    return base_components()
 
 
 def _gens(seeds):
@@ -138,18 +125,6 @@ def test_diffusers_folder_equals_single_file(base, components, tmp_path):
     a = pipelines.txt2img(base, PROMPTS[:1], [""], SEEDS[:1], W, H, st)
     b = pipelines.txt2img(loaded, PROMPTS[:1], [""], SEEDS[:1], W, H, st)
     assert torch.equal(a, b)
-
-
-@pytest.fixture(scope="module", params=["folder", "file"])
-def refiner(components, tmp_path_factory, request):
-    """The tiny refiner loaded by latentgen as a diffusers folder, or as an original single file (the UNet's
-    names converted by sdxl_reference.unet_to_original; bigG at conditioner.embedders.0) read from the file
-    alone; with its diffusers components."""
-    tmp = tmp_path_factory.mktemp("refiner")
-    parts = tiny_refiner(components, tmp / "d", _scheduler("euler", False, "epsilon"))
-    if request.param == "file":
-        return load_model(str(refiner_single_file(parts["unet"], tmp / "sdxl-refiner-tiny.safetensors"))), parts
-    return load_model(str(tmp / "d")), parts
 
 
 def _image(n=1):

@@ -27,7 +27,7 @@ diffusers = pytest.importorskip("diffusers")
 from test_pipelines import _scheduler, assert_images_match  # noqa: E402
 from test_prompts import BACKTRACK, LONG, ref_chunks, ref_emphasis  # noqa: E402
 from test_sdxl_cli import as_png_pixels, cli, packed, pixels  # noqa: E402
-from test_sdxl_pipelines import _pipe, base, components, refiner  # noqa: E402, F401
+from test_sdxl_pipelines import _pipe  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(not BASE.exists(), reason=f"SDXL fixtures not found at {SDXL_DIR}"),
@@ -74,7 +74,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_txt2img_matches_diffusers_with_a1111_embeds(base, components, case):  # noqa: F811
+def test_txt2img_matches_diffusers_with_a1111_embeds(base, components, case):
     prompt, negative, emphasis = CASES[case]
     pe, pp = ref_sdxl(prompt, components["text_encoder"], components["text_encoder_2"], emphasis)
     kw = {}
@@ -103,7 +103,7 @@ def test_txt2img_matches_diffusers_with_a1111_embeds(base, components, case):  #
     assert literal.shape != pe.shape or (literal - pe).abs().max() > 1e-2  # the syntax is read, not taken as text
 
 
-def test_different_chunk_counts_run_apart(base, components):  # noqa: F811
+def test_different_chunk_counts_run_apart(base, components):
     """Prompt of 3 chunks, negative of 1: two UNet calls a step (A1111), each with its own pooled vector in y;
     against a loop over diffusers' UNet, Euler scheduler and VAE."""
     prompt = WEIGHTED + " BREAK " + BACKTRACK
@@ -127,7 +127,7 @@ def test_different_chunk_counts_run_apart(base, components):  # noqa: F811
     assert_images_match(ours, ref.permute(0, 2, 3, 1).numpy())
 
 
-def test_refiner_img2img_with_weighted_prompts_matches_diffusers(refiner):  # noqa: F811
+def test_refiner_img2img_with_weighted_prompts_matches_diffusers(refiner):
     """The refiner: bigG alone, the negative encoded as the prompt (two chunks each)."""
     bundle, parts = refiner
     prompt, negative = "a (red:1.3) cube, [[matte]] BREAK (gold:0.8)", "(blurry:1.2) BREAK ugly"
@@ -158,7 +158,7 @@ def test_refiner_img2img_with_weighted_prompts_matches_diffusers(refiner):  # no
     assert_images_match(ours, ref)
 
 
-def test_plain_prompts_are_the_old_encoding_bit_for_bit_and_diffusers(base, components):  # noqa: F811
+def test_plain_prompts_are_the_old_encoding_bit_for_bit_and_diffusers(base, components):
     """Plain prompts (no syntax, <= 75 tokens): the chunked path is today's single tokenize + encode exactly, and
     diffusers' encode_prompt within 1e-5."""
     cond = base.cond
@@ -173,7 +173,7 @@ def test_plain_prompts_are_the_old_encoding_bit_for_bit_and_diffusers(base, comp
     assert (context - pe).abs().max().item() < 1e-5 and (pooled - pp).abs().max().item() < 1e-5
 
 
-def test_a_batch_pads_shorter_prompts_with_empty_chunks(base, components):  # noqa: F811
+def test_a_batch_pads_shorter_prompts_with_empty_chunks(base, components):
     """A1111 pads a batch's shorter prompts with the empty chunk; each prompt pools its own first chunk."""
     te, te2 = components["text_encoder"], components["text_encoder_2"]
     context, pooled = base.cond.encode_text([BACKTRACK, WEIGHTED])
@@ -195,7 +195,7 @@ def _sdxl_embedding(path, n=2, seed=5):
     return vectors
 
 
-def test_textual_inversion_matches_diffusers_on_both_encoders(base, tmp_path):  # noqa: F811
+def test_textual_inversion_matches_diffusers_on_both_encoders(base, tmp_path):
     """diffusers' load_textual_inversion twice (clip_l into text_encoder / tokenizer, clip_g into text_encoder_2 /
     tokenizer_2); bigG pools at its first end token (A1111 argmax over ids holding 0 at the vectors)."""
     from latentgen.adapters.embeddings import load_sdxl_embeddings
