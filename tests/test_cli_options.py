@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from latentgen.cli import app
 from latentgen.cli.adapters import ADAPTER_OPTIONS
-from latentgen.cli.generate import AESTHETIC_OPTIONS, EDIT_OPTIONS
+from latentgen.cli.generate import AESTHETIC_OPTIONS, EDIT_OPTIONS, SUPERRES_OPTIONS
 from latentgen.cli.options import keyword_params, with_options
 from latentgen.cli.train import RUN_OPTIONS
 
@@ -45,6 +45,7 @@ def test_commands_end_with_their_shared_tables():
     for command, tables in {
         "img2img": (EDIT_OPTIONS, AESTHETIC_OPTIONS, ADAPTER_OPTIONS),
         "inpaint": (EDIT_OPTIONS, ADAPTER_OPTIONS),
+        "superres": (SUPERRES_OPTIONS,),
         "train-ae": (RUN_OPTIONS,),
         "train-ldm": (RUN_OPTIONS,),
     }.items():

@@ -57,6 +57,8 @@ from .sdxl import (
 )
 from .session import Session
 
+RecipeOpt = typer.Option(None, "--recipe", help="Regenerate the image whose PNG recipe this is.")
+
 
 @command()
 @with_options(ADAPTER_OPTIONS)
@@ -87,7 +89,7 @@ def txt2img(
     ema: bool = EmaOpt,
     low_memory: Optional[bool] = LowMemOpt,
     weights: Optional[str] = WeightsOpt,
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="Regenerate the image whose PNG recipe this is."),
+    recipe: Optional[str] = RecipeOpt,
     hires: Optional[float] = typer.Option(
         None, "--hires", help="Hires fix: upscale the first pass by SCALE, then refine it with img2img."
     ),
@@ -241,6 +243,12 @@ def txt2img(
     sess.finish()
 
 
+def _session(task: str, o) -> Session:
+    """The Session of a command whose model and output options are the attributes of `o`."""
+    args = (o.model, o.prediction, o.config, o.dtype, o.device, o.quiet, o.as_json, o.overwrite, o.out, o.ema)
+    return Session(task, *args, o.low_memory, o.weights)
+
+
 def _item_settings(sess: Session, item: dict, defaults, strength: float = 0.75):
     """The settings of one batch item: its own steps, sampler, cfg and scheduler, else the command's."""
     return sess.settings(
@@ -389,9 +397,7 @@ class EditJob:
         )
 
     def session(self) -> Session:
-        o = self.o
-        args = (o.model, o.prediction, o.config, o.dtype, o.device, o.quiet, o.as_json, o.overwrite, o.out, o.ema)
-        return Session(self.task, *args, o.low_memory, o.weights)
+        return _session(self.task, self.o)
 
     def run(self, sess: Session, init, denoise, extra_meta: dict) -> None:
         """Every item through `denoise(init, prompts, negatives, seeds, settings, callback)`, checked first."""
@@ -522,7 +528,15 @@ def inpaint(
     job.run(sess, init, denoise, {"mask": mask, "mask_blur": mask_blur, "extend": extend})
 
 
+SUPERRES_OPTIONS = [
+    p for p in EDIT_OPTIONS if p.name not in ("negative", "cfg", "original_size", "crop", "target_size")
+]
+SUPERRES_OPTIONS += keyword_params(recipe=(Optional[str], RecipeOpt))
+"""The options superres takes after its own: img2img's but for the text and SDXL ones, then --recipe."""
+
+
 @command()
+@with_options(SUPERRES_OPTIONS)
 def superres(
     image: Optional[str] = typer.Argument(None, help="Low-resolution input image (default with --recipe: its input)."),
     scale: Optional[int] = typer.Option(
@@ -538,63 +552,42 @@ def superres(
         "--noise-level",
         help="SD 2 x4 upscaler: noise added to the low-res image, 0..max_noise_level (350); default 20.",
     ),
-    model: Optional[str] = ModelOpt,
-    steps: Optional[int] = StepsOpt,
-    sampler: Optional[str] = SamplerOpt,
-    karras: Optional[bool] = KarrasOpt,
-    scheduler: Optional[str] = SchedulerOpt,
-    spacing: Optional[str] = SpacingOpt,
-    eta: Optional[float] = EtaOpt,
-    seed: Optional[int] = SeedOpt,
-    num: int = NumOpt,
-    out: Optional[str] = OutOpt,
-    dtype: str = DtypeOpt,
-    device: str = DeviceOpt,
-    as_json: bool = JsonOpt,
-    overwrite: bool = OverwriteOpt,
-    quiet: bool = QuietOpt,
-    prediction: Optional[str] = PredictionOpt,
-    config: Optional[str] = ConfigOpt,
-    ema: bool = EmaOpt,
-    low_memory: Optional[bool] = LowMemOpt,
-    weights: Optional[str] = WeightsOpt,
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="Regenerate the image whose PNG recipe this is."),
+    **opts,
 ) -> None:
     """Upscale an image: LDM-SR (low-res image concatenated to the latent) or the SD 2 x4 upscaler (also guided
     by --prompt, its input noised to --noise-level)."""
     from ..config import load_registry
 
-    rec = _recipe(recipe)
+    o = SimpleNamespace(**opts)
+    rec = _recipe(o.recipe)
     if rec:
         if rec.get("task") != "superres":
             raise InputError(
-                f"{recipe}: is a {rec.get('task')} image, not a superres one: pass a PNG made by `latentgen superres`"
+                f"{o.recipe}: is a {rec.get('task')} image, not a superres one: pass a PNG made by `latentgen superres`"
             )
         image = image or rec.get("init_image")
         prompt = rec.get("prompt", "") if prompt is None else prompt
         negative = rec.get("negative", "") if negative is None else negative
         noise_level = rec.get("noise_level") if noise_level is None else noise_level
-        seed, model, dtype, prediction, ema = _recipe_run(rec, seed, model, dtype, prediction, ema)
-        weights = weights or rec.get("weights")
+        o.seed, o.model, o.dtype, o.prediction, o.ema = _recipe_run(rec, o.seed, o.model, o.dtype, o.prediction, o.ema)
+        o.weights = o.weights or rec.get("weights")
     if image is None:
         raise ConfigError("superres needs an IMAGE argument (or --recipe PNG)")
-    if model is None:
-        model = load_registry().get("default_superres") or model
+    if o.model is None:
+        o.model = load_registry().get("default_superres") or o.model
     check_options(
-        steps=steps,
-        sampler=sampler,
-        spacing=spacing,
+        steps=o.steps,
+        sampler=o.sampler,
+        spacing=o.spacing,
         cfg=cfg,
-        eta=eta,
-        seed=seed,
-        num=num,
+        eta=o.eta,
+        seed=o.seed,
+        num=o.num,
         noise_level=noise_level,
-        dtype=dtype,
+        dtype=o.dtype,
     )
     low = _load_input_image(image)
-    sess = Session(
-        "superres", model, prediction, config, dtype, device, quiet, as_json, overwrite, out, ema, low_memory, weights
-    )
+    sess = _session("superres", o)
     from .. import pipelines
 
     name = sess.bundle.config.name
@@ -612,12 +605,12 @@ def superres(
     if scale is not None and scale != f:
         raise ConfigError(f"--scale {scale}: model {name} upscales by {f}")
     _check_image_size(sess, low, image, scale=f)
-    sess.check_outputs([{}], num)
+    sess.check_outputs([{}], o.num)
     defaults = sess.settings(
-        steps, sampler, karras, spacing, cfg if text_guided else 1.0, eta, recipe=rec, scheduler=scheduler
+        o.steps, o.sampler, o.karras, o.spacing, cfg if text_guided else 1.0, o.eta, recipe=rec, scheduler=o.scheduler
     )
-    pipelines.guard_memory(sess.bundle, num, low.shape[-1] * f, low.shape[-2] * f, defaults)
-    base = base_seed(seed, quiet)
+    pipelines.guard_memory(sess.bundle, o.num, low.shape[-1] * f, low.shape[-2] * f, defaults)
+    base = base_seed(o.seed, o.quiet)
     text, neg = prompt or "", negative or ""
 
     def make(item, seeds):
@@ -644,10 +637,10 @@ def superres(
             "height": low.shape[-2] * f,
             "init_image": image,
             **_model_meta(sess),
-            "ema": ema,
+            "ema": o.ema,
         }
 
-    run_generation(sess, [{"prompt": text}], base, num, make, {})
+    run_generation(sess, [{"prompt": text}], base, o.num, make, {})
     sess.finish()
 
 
