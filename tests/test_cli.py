@@ -517,13 +517,15 @@ def test_no_default_model_says_pass_model(monkeypatch, workdir):
 
 
 def test_low_memory_gives_the_same_png(workdir):
-    """The default keeps the shipped fp16 UNet's weights as stored, --low-memory all of them, and both upcast per
-    layer as it runs: the same image as --full-weights, which upcasts them all at load (their convolutions run the
-    same prepacked kernel, packed on each call; see loading.weights.prepack_convs)."""
+    """--low-memory keeps the shipped fp16 weights as stored and upcasts per layer: the same image as
+    --full-weights, which upcasts them all at load (and then runs its convolutions on prepacked weights, whose
+    float32 rounding differs in the last bits: at most 1/255 apart). The default, where memory allows, is
+    --full-weights."""
     for flag, name in ((["--full-weights"], "a.png"), (["--low-memory"], "b.png"), ([], "c.png")):
         r = cli("txt2img", "a red circle", "--seed", "5", "--steps", "6", "--out", name, "--quiet", *flag)
         assert r.exit_code == 0, r.stderr
-    assert np.array_equal(pixels("a.png"), pixels("b.png")) and np.array_equal(pixels("a.png"), pixels("c.png"))
+    assert np.abs(pixels("a.png").astype(int) - pixels("b.png").astype(int)).max() <= 1
+    assert np.array_equal(pixels("a.png"), pixels("c.png"))
     r = cli("superres", "a.png", "--seed", "5", "--steps", "3", "--out", "up.png", "--quiet", "--low-memory")
     assert r.exit_code == 0 and Image.open("up.png").size == (256, 256), r.stderr
 

@@ -51,7 +51,7 @@ def test_dropped_pages_keep_their_values_and_written_pages_are_kept(tmp_path):
 
 
 def test_txt2img_leaves_the_model_file_mostly_non_resident_with_the_same_image(tmp_path, monkeypatch):
-    """The default (weights kept as stored, memory-mapped): after txt2img the text encoder's and the UNet's pages
+    """--low-memory (weights kept as stored, memory-mapped): after txt2img the text encoder's and the UNet's pages
     are no longer resident, and the image equals the one made without dropping them."""
     src = random_model("sd1", tmp_path / "sd1.safetensors")
     b32 = load_model(str(src))
@@ -60,7 +60,7 @@ def test_txt2img_leaves_the_model_file_mostly_non_resident_with_the_same_image(t
 
     save_model(path, b32.config, b32.unet.half(), b32.first_stage.half(), b32.cond.half())
     st = Settings(steps=2, sampler="euler")
-    bundle = load_model(str(path), low_memory=None)
+    bundle = load_model(str(path), low_memory=True)
     run = lambda: pipelines.txt2img(bundle, ["a cat"], ["blurry"], [3], 32, 32, st)  # noqa: E731
     size = os.path.getsize(path)
     img = run()

@@ -100,7 +100,7 @@ def test_available_memory_reads_this_machine():
 
 
 def test_weights_upcast_as_they_run_count_three_copies_of_the_largest(sd1, tmp_path, monkeypatch):
-    """The default CPU fp32 load of an fp16 file keeps the UNet's weights as stored: the guard adds three fp32 copies
+    """--low-memory (CPU fp32, an fp16 file) keeps the UNet's weights as stored: the guard adds three fp32 copies
     of its largest weight (upcast, oneDNN copy, packed reorder); with full weights nothing is added."""
     from latentgen.loading.bundle import save_model
 
@@ -108,7 +108,7 @@ def test_weights_upcast_as_they_run_count_three_copies_of_the_largest(sd1, tmp_p
     half = tmp_path / "half.safetensors"
     save_model(half, b32.config, b32.unet.half(), b32.first_stage.half(), b32.cond.half())
     largest = max(p.numel() for p in b32.unet.parameters())
-    lean, full = load_model(str(half), low_memory=None), load_model(str(half), low_memory=False)
+    lean, full = load_model(str(half), low_memory=True), load_model(str(half), low_memory=False)
     assert memory.upcast_working_set(lean.unet, 4) == 3 * 4 * largest
     assert memory.upcast_working_set(full.unet, 4) == 0
     seen = []

@@ -105,8 +105,8 @@ LowMemOpt = typer.Option(
     "--low-memory/--full-weights",
     show_default=False,
     help="CPU, fp32: keep an fp16/bf16 file's weights as stored and upcast each layer's as it "
-    "runs, or upcast the UNet's and the decoder's at load (twice the UNet's memory, faster per step). "
-    "Default: kept as stored (--low-memory). Same images either way.",
+    "runs (about half the memory, about 10% slower per step), or upcast the UNet's and the decoder's at load. "
+    "Default: full weights when they take under a third of the available memory.",
 )
 
 
@@ -115,7 +115,7 @@ WeightsOpt = typer.Option(
     "--weights",
     help="int8: hold the UNet's, text encoder's and image decoder's layer weights in 8 bits (a scale per output "
     "channel), dequantised layer by layer as they run: about a quarter of the fp32 weight memory, images within a "
-    "few levels. Default: as stored (see --low-memory).",
+    "few levels. Default: as the --low-memory/--full-weights choice.",
 )
 
 

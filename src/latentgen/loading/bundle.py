@@ -233,9 +233,9 @@ def bundle_from_raw(
     """Build the modules a checkpoint describes and load its weights strictly (meta tensors allowed).
     `low_memory` (CPU, a single file): weights stored in a lower precision than `dtype` stay as stored, memory-mapped,
     and each layer gets its weights upcast when it runs (:func:`upcast_on_use`): the same results, about half
-    the memory for an fp16 file computed in fp32. None (the CLI default): the same. False: the UNet's and the
-    decoder's upcast at load (faster per UNet step; the text and image encoders, run once per prompt or image,
-    still keep theirs as stored).
+    the memory for an fp16 file computed in fp32, slower per UNet step. False: the UNet's and the decoder's upcast
+    at load (the text and image encoders, run once per prompt or image, still keep theirs as stored). None (the
+    CLI default): False when the weights in `dtype` take under a third of the memory available, else True.
     `weights="int8"`: the Linear / Conv layers of the UNet, the text encoder and the image decoder hold int8
     weights with a scale per output channel, quantised from the stored ones and dequantised to `dtype` layer by
     layer as they run (:func:`int8_weights`); everything else is kept as with low memory."""
@@ -244,7 +244,13 @@ def bundle_from_raw(
     path = raw.path
     sd = raw.tensors
     cpu_file = dtype == torch.float32 and torch.device(device).type == "cpu" and raw.format != "diffusers"
-    low_memory = (low_memory is None or bool(low_memory) or weights is not None) and cpu_file
+    if low_memory is None and cpu_file:  # auto: the UNet and decoder upcast at load (faster) when that fits easily
+        from latentgen.memory import available_memory
+
+        need = sum(v.numel() for v in sd.values() if v.is_floating_point()) * dtype.itemsize
+        avail = available_memory()
+        low_memory = avail is None or 3 * need > avail
+    low_memory = (bool(low_memory) or weights is not None) and cpu_file
     # with full weights too, the text and image encoders (run once per prompt or image) keep theirs as stored
     cond_prefix = SDXL_COND_PREFIX if cfg.family == "sdxl" else COND_PREFIX
     keep = (cond_prefix, FIRST_STAGE_PREFIX + "encoder.", FIRST_STAGE_PREFIX + "quant_conv.") if cpu_file else ()
