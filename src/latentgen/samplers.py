@@ -286,14 +286,18 @@ def sample_dpm2(model, x, sigmas, *, extra_args=None, callback=None, generator=N
     for i in range(len(levels) - 1):
         sigma, sigma_next = levels[i], levels[i + 1]
         d = (x - _denoise(model, x, sigma, extra_args, callback, i)) / sigma
-        if sigma_next == 0:
-            x = x + d * (sigma_next - sigma)
-            continue
-        sigma_mid = math.sqrt(sigma * sigma_next)
-        x_mid = x + d * (sigma_mid - sigma)
-        d_mid = (x_mid - _call(model, x_mid, sigma_mid, extra_args)) / sigma_mid
-        x = x + d_mid * (sigma_next - sigma)
+        x = _dpm2_step(model, x, d, sigma, sigma_next, extra_args)
     return x
+
+
+def _dpm2_step(model, x, d, sigma: float, sigma_to: float, extra_args) -> torch.Tensor:
+    """x moved from σ to σ_to by the derivative at the geometric midpoint sqrt(σ·σ_to); Euler when σ_to is 0."""
+    if sigma_to == 0:
+        return x + d * (sigma_to - sigma)
+    sigma_mid = math.sqrt(sigma * sigma_to)
+    x_mid = x + d * (sigma_mid - sigma)
+    d_mid = (x_mid - _call(model, x_mid, sigma_mid, extra_args)) / sigma_mid
+    return x + d_mid * (sigma_to - sigma)
 
 
 def _ancestral_levels(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
@@ -311,13 +315,9 @@ def sample_dpm2_a(model, x, sigmas, *, extra_args=None, callback=None, generator
         sigma = levels[i]
         sigma_down, sigma_up = _ancestral_levels(sigma, levels[i + 1], eta)
         d = (x - _denoise(model, x, sigma, extra_args, callback, i)) / sigma
-        if sigma_down == 0:
-            x = x + d * (sigma_down - sigma)
-            continue
-        sigma_mid = math.sqrt(sigma * sigma_down)
-        x_mid = x + d * (sigma_mid - sigma)
-        d_mid = (x_mid - _call(model, x_mid, sigma_mid, extra_args)) / sigma_mid
-        x = x + d_mid * (sigma_down - sigma) + _randn_like(x, generator) * sigma_up
+        x = _dpm2_step(model, x, d, sigma, sigma_down, extra_args)
+        if sigma_down != 0:
+            x = x + _randn_like(x, generator) * sigma_up
     return x
 
 
