@@ -78,6 +78,24 @@ for rnd in range(2):  # alternate the tools twice
         if tool == "latentgen":
             b.unet.to(memory_format=torch.channels_last)
             r.setdefault("unet_cl_s", []).append(timed(unet))
+            if cuda:  # the CFG step replayed as one CUDA graph (issue 16 §4: the step is launch-bound at batch 2)
+                try:
+                    sx, stt, sctx = x.clone(), tt.clone(), ctx.clone()
+                    side = torch.cuda.Stream()
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):
+                        for _ in range(3):
+                            b.unet(sx, stt, context=sctx)
+                    torch.cuda.current_stream().wait_stream(side)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        sout = b.unet(sx, stt, context=sctx)
+                    r.setdefault("unet_graph_s", []).append(timed(graph.replay))
+                    graph.replay(); sync()
+                    r["graph_max_abs_diff"] = (sout.float() - unet().float()).abs().max().item()
+                    del graph, sout
+                except Exception as e:  # reported, the rest of the benchmark goes on
+                    r["graph_error"] = f"{type(e).__name__}: {e}"[:300]
         print(tool, {k: v[-1] for k, v in r.items() if isinstance(v, list)}, file=sys.stderr, flush=True)
         del unet, dec, e2e
         b = p = None
@@ -86,6 +104,8 @@ summary = {k: {m: (min(v[m]) if isinstance(v[m], list) else v[m]) for m in v} fo
 lg, dfs = summary["latentgen"], summary["diffusers"]
 summary["ratio_unet"] = lg["unet_s"] / dfs["unet_s"]
 summary["ratio_unet_channels_last"] = lg["unet_cl_s"] / dfs["unet_s"]
+if "unet_graph_s" in lg:
+    summary["ratio_unet_cuda_graph"] = lg["unet_graph_s"] / dfs["unet_s"]
 summary["ratio_decode"] = lg["decode_s"] / dfs["decode_s"]
 summary["ratio_e2e"] = lg["e2e_s"] / dfs["e2e_s"]
 summary["cfg_steps_per_s"] = {"latentgen": 1 / lg["unet_s"], "diffusers": 1 / dfs["unet_s"]}

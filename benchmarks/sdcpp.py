@@ -1,4 +1,4 @@
-"""latentgen against stable-diffusion.cpp's `sd-cli` on the same SD 1.5-size file (issue 16 §1).
+"""latentgen against stable-diffusion.cpp's `sd-cli` on the same file (issue 16 §1, §5).
 
     python benchmarks/sdcpp.py --dry-run          # print every command it would run; touches nothing
     python benchmarks/sdcpp.py                    # fetch + build sd-cli once (cached), then measure
@@ -9,9 +9,12 @@ PyPI (`pip download --no-binary :all: --no-deps`), with cmake + ninja and `-DGGM
 outside the repository (default `$XDG_CACHE_HOME/latentgen-bench/sdcpp`, reused between runs; a few minutes on 2
 cores). Then, on the random fp16 SD 1.5-size file bench.py makes, each job in its own process (time and peak RSS
 from os.wait4), alternating: sd-cli at the file's own type (f16), `--type q8_0` and `--type f32`, and latentgen
-`--dtype auto`, `--dtype fp32` and `--dtype fp32 --weights int8`; 256², 2 steps DPM++ 2M (sd.cpp's default
-discrete σ schedule, so latentgen `--no-karras`), CFG 7.5, `-t` = cores.
-Ratios are latentgen / sd.cpp of the medians.
+`--dtype auto`, `--dtype fp32`, `--dtype fp32 --weights int8` and `--dtype fp32 --low-memory`; 256², 2 steps
+DPM++ 2M (sd.cpp's default discrete σ schedule, so latentgen `--no-karras`), CFG 7.5, `-t` = cores.
+Ratios are latentgen / sd.cpp of the medians. `--jobs` picks runs by name, `--model` another file (SDXL too):
+
+    python benchmarks/sdcpp.py --model benchmarks/.cache/sdxl-base-random-fp16.safetensors --size 1024 --reps 1 \
+        --jobs "sd.cpp f16,latentgen fp32,sd.cpp q8_0,latentgen int8"
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ LATENTGEN_RUNS = {
     "auto": ["--dtype", "auto"],
     "fp32": ["--dtype", "fp32"],
     "int8": ["--dtype", "fp32", "--weights", "int8"],
+    "low-memory": ["--dtype", "fp32", "--low-memory"],
 }
 PROMPT, NEGATIVE, SEED = "a photograph of an astronaut riding a horse", "blurry", 1234
 
@@ -134,13 +138,20 @@ def latentgen_command(model: Path, out: Path, run: str, size: int, steps: int) -
     ]
 
 
-def jobs(binary: Path, model: Path, cache: Path, size: int, steps: int, threads: int) -> dict[str, list[str]]:
-    """Every measured job by name, in the order one round runs them."""
+def jobs(
+    binary: Path, model: Path, cache: Path, size: int, steps: int, threads: int, only: list[str] | None = None
+) -> dict[str, list[str]]:
+    """Every measured job by name (or those named in `only`), in the order one round runs them."""
     out = {}
     for t in SD_TYPES:
         out[f"sd.cpp {t}"] = sd_command(binary, model, cache / f"sd-{t}.png", t, size, steps, threads)
     for run in LATENTGEN_RUNS:
         out[f"latentgen {run}"] = latentgen_command(model, cache / f"lg-{run}.png", run, size, steps)
+    if only:
+        unknown = sorted(set(only) - set(out))
+        if unknown:
+            raise SystemExit(f"--jobs: unknown {', '.join(unknown)}; known: {', '.join(out)}")
+        out = {name: cmd for name, cmd in out.items() if name in only}
     return out
 
 
@@ -187,12 +198,14 @@ def ensure_sd_cli(cache: Path, log=print) -> Path:
     return binary
 
 
-def measure(model: Path, cache: Path, size: int, steps: int, reps: int, threads: int, log=print) -> dict:
+def measure(
+    model: Path, cache: Path, size: int, steps: int, reps: int, threads: int, log=print, only: list[str] | None = None
+) -> dict:
     """Median wall time and peak RSS of each job over `reps` alternating rounds, plus latentgen / sd.cpp ratios."""
     from bench import run_measured  # one process per job, its own peak RSS
 
     binary = ensure_sd_cli(cache, log)
-    todo = jobs(binary, model, cache, size, steps, threads)
+    todo = jobs(binary, model, cache, size, steps, threads, only)
     runs: dict[str, list[dict]] = {name: [] for name in todo}
     for r in range(reps):
         for name, cmd in todo.items():
@@ -208,22 +221,27 @@ def table_rows(result: dict) -> list[list[str]]:
     med = result["median"]
     rows = []
     for run in LATENTGEN_RUNS:
-        lg = med[f"latentgen {run}"]
+        lg = med.get(f"latentgen {run}")
+        if lg is None:
+            continue
         row = [f"latentgen {run}", f"{lg['wall_s']:.1f}", f"{lg['rss_gib']:.2f}"]
         for t in SD_TYPES:
-            sd = med[f"sd.cpp {t}"]
-            row.append(f"{lg['wall_s'] / sd['wall_s']:.2f} / {lg['rss_gib'] / sd['rss_gib']:.2f}")
+            sd = med.get(f"sd.cpp {t}")
+            row.append(f"{lg['wall_s'] / sd['wall_s']:.2f} / {lg['rss_gib'] / sd['rss_gib']:.2f}" if sd else "—")
         rows.append(row)
     for t in SD_TYPES:
-        sd = med[f"sd.cpp {t}"]
-        rows.append([f"sd.cpp {t}", f"{sd['wall_s']:.1f}", f"{sd['rss_gib']:.2f}", "—", "—", "—"])
+        sd = med.get(f"sd.cpp {t}")
+        if sd:
+            rows.append([f"sd.cpp {t}", f"{sd['wall_s']:.1f}", f"{sd['rss_gib']:.2f}", "—", "—", "—"])
     return rows
 
 
 HEADER = ["run", "wall s", "peak RSS GiB", *(f"time / RSS vs sd.cpp {t}" for t in SD_TYPES)]
 
 
-def dry_run(model: Path, cache: Path, size: int, steps: int, reps: int, threads: int) -> list[str]:
+def dry_run(
+    model: Path, cache: Path, size: int, steps: int, reps: int, threads: int, only: list[str] | None = None
+) -> list[str]:
     """The commands a real run would execute, one per line (build steps only if sd-cli is not cached)."""
     build = cache / "build"
     binary = (find_binary(build) if build.exists() else None) or build / "bin" / "sd-cli"
@@ -232,7 +250,9 @@ def dry_run(model: Path, cache: Path, size: int, steps: int, reps: int, threads:
         src = cache / "src" / f"{SDIST}-VERSION" / "vendor" / "stable-diffusion.cpp"
         lines += [shlex.join(fetch_command(cache)), *(shlex.join(c) for c in build_commands(src, build))]
     for r in range(reps):
-        lines += [f"# round {r}"] + [shlex.join(c) for c in jobs(binary, model, cache, size, steps, threads).values()]
+        lines += [f"# round {r}"] + [
+            shlex.join(c) for c in jobs(binary, model, cache, size, steps, threads, only).values()
+        ]
     return lines
 
 
@@ -244,19 +264,25 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument(
+        "--jobs", default=None, help="comma list of job names, e.g. 'sd.cpp f16,latentgen fp32' (default: all)"
+    )
     ap.add_argument("--dry-run", action="store_true", help="print the commands; download, build and run nothing")
     a = ap.parse_args()
+    only = [j.strip() for j in a.jobs.split(",") if j.strip()] if a.jobs else None
     cache = Path(a.cache) if a.cache else default_cache()
     model = Path(a.model) if a.model else HERE / ".cache" / "sd15-random-fp16.safetensors"
     if a.dry_run:
-        print("\n".join(dry_run(model, cache, a.size, a.steps, a.reps, a.threads)))
+        print("\n".join(dry_run(model, cache, a.size, a.steps, a.reps, a.threads, only)))
         return
     if not model.exists():
         from bench import make_sd15_file
 
         model.parent.mkdir(parents=True, exist_ok=True)
         make_sd15_file(model)
-    result = measure(model, cache, a.size, a.steps, a.reps, a.threads, log=lambda s: print(s, file=sys.stderr))
+    result = measure(
+        model, cache, a.size, a.steps, a.reps, a.threads, log=lambda s: print(s, file=sys.stderr), only=only
+    )
     print("| " + " | ".join(HEADER) + " |\n|" + "---|" * len(HEADER))
     for row in table_rows(result):
         print("| " + " | ".join(row) + " |")

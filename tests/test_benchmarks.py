@@ -16,7 +16,8 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_sdcpp_dry_run_prints_fetch_build_and_alternating_runs(tmp_path):
     """Without a cached sd-cli: the sdist download (no binaries, no deps), cmake + ninja with GGML_NATIVE, then per
-    round sd-cli at f16 / q8_0 / f32 and latentgen auto / fp32 / int8 on the same file, same size, steps and seed."""
+    round sd-cli at f16 / q8_0 / f32 and latentgen auto / fp32 / int8 / low-memory on the same file, same size, steps
+    and seed."""
     cache, model = tmp_path / "cache", tmp_path / "m.safetensors"
     r = run(
         str(ROOT / "benchmarks" / "sdcpp.py"),
@@ -46,19 +47,32 @@ def test_sdcpp_dry_run_prints_fetch_build_and_alternating_runs(tmp_path):
     assert "-DGGML_NATIVE=ON" in configure and configure[configure.index("-S") + 1].endswith("stable-diffusion.cpp")
     assert build[:2] == ["cmake", "--build"]
     runs = cmds[3:]
-    assert [line for line in lines if line.startswith("#")] == ["# round 0", "# round 1"] and len(runs) == 12
-    sd = [c for c in runs[:6] if c[0].endswith("sd-cli")]
-    lg = [c for c in runs[:6] if "latentgen.cli" in c]
+    assert [line for line in lines if line.startswith("#")] == ["# round 0", "# round 1"] and len(runs) == 14
+    sd = [c for c in runs[:7] if c[0].endswith("sd-cli")]
+    lg = [c for c in runs[:7] if "latentgen.cli" in c]
     assert [c[c.index("--type") + 1] if "--type" in c else "f16" for c in sd] == ["f16", "q8_0", "f32"]
-    assert [c[c.index("--dtype") + 1] for c in lg] == ["auto", "fp32", "fp32"] and "int8" in lg[2]
+    assert [c[c.index("--dtype") + 1] for c in lg] == ["auto", "fp32", "fp32", "fp32"]
+    assert "int8" in lg[2] and "--low-memory" in lg[3]
     for c in sd:
         assert c[c.index("-m") + 1] == str(model) and c[c.index("--sampling-method") + 1] == "dpm++2m"
         assert (c[c.index("-W") + 1], c[c.index("--steps") + 1], c[c.index("-t") + 1]) == ("256", "2", "2")
     for c in lg:
         assert c[c.index("--model") + 1] == str(model) and c[c.index("--sampler") + 1] == "dpmpp_2m"
         assert (c[c.index("--width") + 1], c[c.index("--steps") + 1]) == ("256", "2")
-    assert runs[6:] == runs[:6]
+    assert runs[7:] == runs[:7]
     assert not cache.exists() and not model.exists()
+
+
+def test_sdcpp_jobs_picks_runs_by_name_and_refuses_unknown_ones(tmp_path):
+    args = (str(ROOT / "benchmarks" / "sdcpp.py"), "--dry-run", "--cache", str(tmp_path / "c"), "--reps", "1")
+    r = run(*args, "--jobs", "sd.cpp f16,latentgen low-memory", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    runs = [
+        shlex.split(line) for line in r.stdout.splitlines() if "--sampling-method" in line or "latentgen.cli" in line
+    ]
+    assert len(runs) == 2 and "--type" not in runs[0] and "--low-memory" in runs[1]
+    r = run(*args, "--jobs", "sd.cpp f16,latentgen fast", cwd=tmp_path)
+    assert r.returncode != 0 and "unknown latentgen fast" in r.stderr
 
 
 def test_bench_dry_run_lists_the_sdcpp_section(tmp_path):

@@ -71,3 +71,46 @@ def test_txt2img_leaves_the_model_file_mostly_non_resident_with_the_same_image(t
     monkeypatch.setattr(pipelines, "drop_mapped_pages", lambda path: 0)
     assert torch.equal(run(), img)
     assert resident(path) > size // 2  # without dropping, the UNet's and the text encoder's pages stay
+
+
+def test_low_memory_unet_holds_only_the_running_blocks_pages(tmp_path, monkeypatch):
+    """--low-memory: each UNet block's memory-mapped pages are handed back once it has run, so while the UNet runs
+    the file's resident pages stay near one block's weights (not the whole UNet's); the output is unchanged, and a
+    second call maps the pages again."""
+    import dataclasses
+
+    from tiny_models import tiny_config
+
+    from latentgen.loading import mapped_pages
+    from latentgen.loading.bundle import build_modules, save_model
+
+    cfg = tiny_config("sd1")
+    cfg.unet = dataclasses.replace(cfg.unet, model_channels=192)  # blocks of MBs: edge pages are a small part
+    torch.manual_seed(0)
+    unet, fs, cond = build_modules(cfg)
+    path = tmp_path / "half.safetensors"
+    save_model(path, cfg, unet.half(), fs.half(), cond.half())
+    bundle = load_model(str(path), low_memory=True)
+    unet = bundle.unet
+    blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
+    block_bytes = [sum(p.nbytes for p in b.parameters()) for b in blocks]
+    unet_bytes = sum(p.nbytes for p in unet.parameters())
+    outside = unet_bytes - sum(block_bytes)  # time embedding, first and last layers: they run outside the blocks
+    seen, drop = [], mapped_pages.drop_module_pages
+    monkeypatch.setattr(mapped_pages, "drop_module_pages", lambda m, p: (seen.append(resident(path)), drop(m, p))[1])
+    drop_mapped_pages(path)
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t, ctx = torch.tensor([500, 500]), torch.randn(2, 77, bundle.config.unet.context_dim)
+    with torch.no_grad():
+        out = unet(x, t, ctx)
+        seen_first = list(seen)
+        again = unet(x, t, ctx)
+    bound = max(block_bytes) + outside + len(blocks) * (128 << 10)  # + what fault-around maps in at block edges
+    assert len(seen_first) == len(blocks) and len(seen) == 2 * len(blocks)
+    assert max(seen) <= bound < 0.6 * unet_bytes
+    assert torch.equal(out, again)
+    monkeypatch.setattr(mapped_pages, "drop_module_pages", lambda m, p: 0)
+    with torch.no_grad():
+        kept = unet(x, t, ctx)
+    assert torch.equal(out, kept)
+    assert resident(path) > unet_bytes // 2  # without handing back, the whole UNet's pages stay resident

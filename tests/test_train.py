@@ -327,6 +327,7 @@ def _torchrun(tmp_path: Path, kind: str, opts) -> dict:
         [*cmd, str(script), kind, json.dumps(vars(opts))], env=env, capture_output=True, text=True, timeout=180
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "deprecated" not in proc.stderr, proc.stderr[-3000:]  # e.g. DDP's broadcast_buffers on newer torch
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

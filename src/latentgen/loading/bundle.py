@@ -27,6 +27,7 @@ from .layout import (
     load_strict,
     split_prefix,
 )
+from .mapped_pages import release_after_each
 from .safetensors import PlainReader, read_converted, write_safetensors
 from .sdxl import SDXL_COND_PREFIX, SDXL_IGNORED_KEYS, read_and_guessed, variant
 from .weights import check_weight_storage, int8_weights, upcast_on_use
@@ -309,6 +310,8 @@ def bundle_from_raw(
     if cpu_file:  # weights not converted as they were read are upcast as their layers run
         for m in (unet, first_stage, cond) if low_memory else (cond, first_stage.encoder, first_stage.quant_conv):
             upcast_on_use(m, dtype)
+        if low_memory and weights is None:  # resident UNet weights: the running block's, not the whole UNet's
+            release_after_each([*unet.input_blocks, unet.middle_block, *unet.output_blocks], path)
         first_stage.compute_dtype = dtype
         return bundle
     return bundle.to(device=device, dtype=dtype)

@@ -77,3 +77,52 @@ def drop_mapped_pages(path: str | os.PathLike | None) -> int:
             if madvise(a, b - a, MADV_DONTNEED) == 0:
                 done += b - a
     return done
+
+
+def _spans(module) -> list[tuple[int, int]]:
+    """Page-aligned, merged address ranges of `module`'s parameters and buffers."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    raw = sorted(
+        (t.data_ptr() // page * page, -(-(t.data_ptr() + t.numel() * t.element_size()) // page) * page)
+        for t in (*module.parameters(), *module.buffers())
+        if t.numel() and t.device.type == "cpu"
+    )
+    out: list[tuple[int, int]] = []
+    for a, b in raw:
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def drop_module_pages(module, path: str | os.PathLike) -> int:
+    """:func:`drop_mapped_pages` for the weights of one module only: the pages of its parameters and buffers that lie in
+    this process's mappings of `path` and still hold the file's bytes. Returns the bytes advised."""
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page = os.sysconf("SC_PAGE_SIZE")
+    maps, done = file_mappings(path), 0
+    for a, b in _spans(module):
+        for m0, m1 in maps:
+            lo, hi = max(a, m0), min(b, m1)
+            if lo < hi:
+                for x, y in _clean_runs(lo, hi, page):
+                    if madvise(x, y - x, MADV_DONTNEED) == 0:
+                        done += y - x
+    return done
+
+
+def release_after_each(blocks, path: str | os.PathLike | None) -> None:
+    """After each of `blocks` runs (a forward hook), hand back the pages of its memory-mapped weights: while a
+    network whose weights stay memory-mapped runs block by block (the UNet with weights kept as stored), its
+    resident weights are those of the block that runs, not the whole network's. The next call maps them again from
+    the page cache (minor faults, no disk read while the file stays cached). Linux only; a no-op for weights not
+    memory-mapped from `path`."""
+    if path is None or not os.path.isfile(path) or not os.path.exists("/proc/self/pagemap"):
+        return
+    for block in blocks:
+        block.register_forward_hook(lambda m, args, out: (drop_module_pages(m, path), None)[1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from dataclasses import dataclass, field
 
@@ -30,7 +31,11 @@ class Dist:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device] if self.device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+        # buffers are not synchronised on each forward (every rank holds the same ones); newer torch names that
+        # forward_sync_buffers and warns about broadcast_buffers
+        params = inspect.signature(DistributedDataParallel).parameters
+        sync = {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": False}
+        return DistributedDataParallel(module, device_ids=ids, **sync)
 
     @staticmethod
     def accumulating(*wrapped: nn.Module, last: bool) -> contextlib.ExitStack:
