@@ -57,7 +57,7 @@ for rnd in range(2):  # alternate the tools twice
         t0 = time.perf_counter()
         if tool == "latentgen":
             from latentgen import pipelines
-            from latentgen.checkpoint import load_model
+            from latentgen.loading.bundle import load_model
             b = load_model(str(src), device=dev, dtype=dt)
             unet = lambda: b.unet(x, tt, context=ctx)
             dec = lambda: b.first_stage.decode_latent(z)

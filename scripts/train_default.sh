@@ -15,6 +15,9 @@
 # The shipped text-to-image model was trained on one H100 with the CPU run's autoencoder (train_default.log):
 #   STAGES=txt AE=<cpu run>/ae/autoencoder.safetensors PROCS=1 TXT_BATCH=256 TXT_LR=1e-3 TXT_EMA=0.999 \
 #   TXT_DATA=shapes:200000 WORKERS=12 TXT_STEPS=<from the log> scripts/train_default.sh
+# The shipped super-resolution model is the CPU run's, fine-tuned on the same 2 CPU cores for 5000 more steps:
+#   STAGES=sr SR_INIT=<the previous default-superres.safetensors> SR_STEPS=5000 SR_LR=5e-4 SR_EMA=0.999 \
+#   SR_SEED=1 SR_BUDGET=2400 SAMPLE_EVERY=100000 scripts/train_default.sh
 set -euo pipefail
 
 WORK=${1:-runs/default}
@@ -30,6 +33,11 @@ SAMPLE_EVERY=${SAMPLE_EVERY:-1000}
 INSTALL=${INSTALL:-1}
 STAGES=${STAGES:-"ae sr txt"}
 AE=${AE:-$WORK/ae/autoencoder.safetensors}
+SR_INIT=${SR_INIT:-}  # a super-resolution model to fine-tune (its own autoencoder; --ae is then not passed)
+SR_LR=${SR_LR:-1e-3}
+SR_EMA=${SR_EMA:-0.998}
+SR_SEED=${SR_SEED:-0}
+SR_BUDGET=${SR_BUDGET:-0}
 TXT_BATCH=${TXT_BATCH:-$LDM_BATCH}
 TXT_LR=${TXT_LR:-8e-4}
 TXT_EMA=${TXT_EMA:-0.998}
@@ -66,11 +74,13 @@ fi
 #    had near-zero loss yet ignored its low-res input at high noise and sampled noise (13 dB).
 #    Latents are cached after the first epoch (the frozen encoder runs once per image).
 if stage sr; then
+if [ -n "$SR_INIT" ]; then SR_FROM="--init $SR_INIT"; else SR_FROM="--ae $AE"; fi
 echo "== 2/3 super-resolution LDM ($SR_STEPS steps)" >&2
-$LATENTGEN train-ldm $COMMON --data "$DATA" --ae "$AE" --cond sr $(resume "$WORK/superres") \
+$LATENTGEN train-ldm $COMMON --data "$DATA" $SR_FROM --cond sr $(resume "$WORK/superres") \
   --prediction v --cache-latents \
   --model-channels 32 --channel-mult 1,2,2 --num-res-blocks 1 --attention-resolutions 4 --num-head-channels 32 \
-  --steps "$SR_STEPS" --batch-size "$LDM_BATCH" --lr 1e-3 --warmup 100 --ema-decay 0.998 --workers "$WORKERS"
+  --steps "$SR_STEPS" --batch-size "$LDM_BATCH" --lr "$SR_LR" --warmup 100 --ema-decay "$SR_EMA" \
+  --workers "$WORKERS" --seed "$SR_SEED" --time-budget "$SR_BUDGET"
 fi
 
 if stage txt; then

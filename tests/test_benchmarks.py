@@ -103,3 +103,21 @@ def test_attention_benchmark_kernel_computes_attention(monkeypatch):
     want = torch.softmax(d @ k.double().transpose(-1, -2) / 40**0.5, -1) @ v.double()
     for ref in (F.scaled_dot_product_attention(q, k, v).double(), want):
         assert ((got.double() - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+
+
+def test_gpu_script_parses_and_its_latentgen_imports_resolve():
+    """benchmarks/gpu.sh runs only on a lent GPU: its Python must at least parse, and every latentgen name it
+    imports must exist (a module renamed since would cost the device time)."""
+    import ast
+    import importlib
+    import re
+
+    text = (ROOT / "benchmarks" / "gpu.sh").read_text()
+    body = text.split("<<'EOF'\n", 1)[1].split("\nEOF\n", 1)[0]
+    ast.parse(body)
+    found = re.findall(r"^\s*from (latentgen[\w.]*) import ([\w, ]+)$", body, flags=re.M)
+    assert found
+    for module, names in found:
+        mod = importlib.import_module(module)
+        for name in (n.strip() for n in names.split(",")):
+            assert hasattr(mod, name) or importlib.util.find_spec(f"{module}.{name}"), f"{module}.{name}"
