@@ -20,6 +20,7 @@ Ratios are latentgen / sd.cpp of the medians. `--jobs` picks runs by name, `--mo
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import shlex
 import statistics
@@ -141,12 +142,13 @@ def latentgen_command(model: Path, out: Path, run: str, size: int, steps: int) -
 def jobs(
     binary: Path, model: Path, cache: Path, size: int, steps: int, threads: int, only: list[str] | None = None
 ) -> dict[str, list[str]]:
-    """Every measured job by name (or those named in `only`), in the order one round runs them."""
-    out = {}
-    for t in SD_TYPES:
-        out[f"sd.cpp {t}"] = sd_command(binary, model, cache / f"sd-{t}.png", t, size, steps, threads)
-    for run in LATENTGEN_RUNS:
-        out[f"latentgen {run}"] = latentgen_command(model, cache / f"lg-{run}.png", run, size, steps)
+    """Every measured job by name (or those named in `only`), in the order one round runs them, the two tools
+    alternating."""
+    sd = {f"sd.cpp {t}": sd_command(binary, model, cache / f"sd-{t}.png", t, size, steps, threads) for t in SD_TYPES}
+    lg = {f"latentgen {r}": latentgen_command(model, cache / f"lg-{r}.png", r, size, steps) for r in LATENTGEN_RUNS}
+    out = {}  # the tools interleaved: sd.cpp f16, latentgen auto, sd.cpp q8_0, latentgen fp32, ...
+    for pair in itertools.zip_longest(sd.items(), lg.items()):
+        out.update(item for item in pair if item is not None)
     if only:
         unknown = sorted(set(only) - set(out))
         if unknown:

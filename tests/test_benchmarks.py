@@ -50,6 +50,7 @@ def test_sdcpp_dry_run_prints_fetch_build_and_alternating_runs(tmp_path):
     assert [line for line in lines if line.startswith("#")] == ["# round 0", "# round 1"] and len(runs) == 14
     sd = [c for c in runs[:7] if c[0].endswith("sd-cli")]
     lg = [c for c in runs[:7] if "latentgen.cli" in c]
+    assert [c[0].endswith("sd-cli") for c in runs[:7]] == [True, False, True, False, True, False, False]  # alternating
     assert [c[c.index("--type") + 1] if "--type" in c else "f16" for c in sd] == ["f16", "q8_0", "f32"]
     assert [c[c.index("--dtype") + 1] for c in lg] == ["auto", "fp32", "fp32", "fp32"]
     assert "int8" in lg[2] and "--low-memory" in lg[3]
