@@ -353,7 +353,7 @@ def _build_ldm(opts: LDMOptions, state: TrainState | None, stream: BatchStream, 
     if opts.init:
         if opts.ae:
             raise ConfigError("--ae and --init both given: a fine-tune uses the autoencoder inside --init; drop --ae")
-        bundle = load_model(opts.init)
+        bundle = load_model(opts.init, dtype=None)  # plain modules in the stored dtype (no upcast-on-use wrappers)
         cfg = bundle.config
         if cond_name(cfg) != opts.cond:
             raise ConfigError(f"--init {opts.init} is a '{cond_name(cfg)}' model; pass --cond {cond_name(cfg)}")
