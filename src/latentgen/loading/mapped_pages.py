@@ -65,6 +65,12 @@ def drop_mapped_pages(path: str | os.PathLike | None) -> int:
     the bytes of address range advised (0 where nothing was done)."""
     if path is None or not os.path.exists(path):
         return 0
+    return _drop_clean(file_mappings(path))
+
+
+def _drop_clean(ranges) -> int:
+    """madvise(MADV_DONTNEED) on the pages of address `ranges` (inside file mappings) that still hold the file's
+    bytes; the bytes advised."""
     try:
         madvise = ctypes.CDLL(None, use_errno=True).madvise
     except (OSError, AttributeError):
@@ -72,7 +78,7 @@ def drop_mapped_pages(path: str | os.PathLike | None) -> int:
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     page = os.sysconf("SC_PAGE_SIZE")
     done = 0
-    for start, end in file_mappings(path):
+    for start, end in ranges:
         for a, b in _clean_runs(start, end, page):
             if madvise(a, b - a, MADV_DONTNEED) == 0:
                 done += b - a
@@ -99,21 +105,9 @@ def _spans(module) -> list[tuple[int, int]]:
 def drop_module_pages(module, path: str | os.PathLike) -> int:
     """:func:`drop_mapped_pages` for the weights of one module only: the pages of its parameters and buffers that lie in
     this process's mappings of `path` and still hold the file's bytes. Returns the bytes advised."""
-    try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return 0
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    page = os.sysconf("SC_PAGE_SIZE")
-    maps, done = file_mappings(path), 0
-    for a, b in _spans(module):
-        for m0, m1 in maps:
-            lo, hi = max(a, m0), min(b, m1)
-            if lo < hi:
-                for x, y in _clean_runs(lo, hi, page):
-                    if madvise(x, y - x, MADV_DONTNEED) == 0:
-                        done += y - x
-    return done
+    maps = file_mappings(path)
+    spans = _spans(module)
+    return _drop_clean((max(a, m0), min(b, m1)) for a, b in spans for m0, m1 in maps if max(a, m0) < min(b, m1))
 
 
 def release_after_each(blocks, path: str | os.PathLike | None) -> None:
