@@ -118,5 +118,9 @@ def release_after_each(blocks, path: str | os.PathLike | None) -> None:
     memory-mapped from `path`."""
     if path is None or not os.path.isfile(path) or not os.path.exists("/proc/self/pagemap"):
         return
+
+    def hand_back(block, args, out) -> None:
+        drop_module_pages(block, path)
+
     for block in blocks:
-        block.register_forward_hook(lambda m, args, out: (drop_module_pages(m, path), None)[1])
+        block.register_forward_hook(hand_back)
