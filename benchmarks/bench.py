@@ -343,12 +343,12 @@ def worker_txt2img(job: dict) -> dict:
     if job["tool"] == "latentgen":
         from latentgen import pipelines
         from latentgen.loading.bundle import load_model
-        from latentgen.loading.weights import prepack_convs
+        from latentgen.loading.weights import prepack
 
         bundle = load_model(job["model"], dtype=dtype, low_memory=not job["full"])
         if dtype == torch.float32:  # as the CLI does on CPU (a no-op for layers upcast on use)
             for m in (bundle.unet, bundle.first_stage):
-                prepack_convs(m)
+                prepack(m)
         t_load = time.perf_counter() - t0
         timers = {"unet": Timer(bundle.unet), "decode": Timer(bundle.first_stage.decoder), "text": Timer(bundle.cond)}
         st = pipelines.Settings(steps=steps, sampler="dpmpp_2m", karras=True, spacing="leading", cfg=7.5)
@@ -386,11 +386,11 @@ def worker_decode(job: dict) -> dict:
     if job["tool"] == "latentgen":
         from latentgen import pipelines
         from latentgen.loading.bundle import load_model
-        from latentgen.loading.weights import prepack_convs
+        from latentgen.loading.weights import prepack
 
         bundle = load_model(job["model"], dtype=dtype, low_memory=None)  # the CLI default
         if dtype == torch.float32:
-            prepack_convs(bundle.first_stage)
+            prepack(bundle.first_stage)
         t1 = time.perf_counter()
         img = pipelines.decode(bundle, z)
     else:

@@ -157,12 +157,12 @@ def worker(job: dict) -> dict:
     if job["tool"] == "latentgen":
         from latentgen import pipelines
         from latentgen.loading.bundle import load_model
-        from latentgen.loading.weights import prepack_convs
+        from latentgen.loading.weights import prepack
 
         bundle = load_model(job["model"], device=device, dtype=dtype, low_memory=None if not cuda else False)
         if device == "cpu" and dtype == torch.float32:  # as the CLI does
             for m in (bundle.unet, bundle.first_stage):
-                prepack_convs(m)
+                prepack(m)
         unet, adm, scale = bundle.unet, bundle.config.unet.adm_in_channels, bundle.config.scale_factor
         ctx_dim = bundle.config.unet.context_dim
         step = lambda x, t, c, y: unet(x, t, context=c, y=y)  # noqa: E731

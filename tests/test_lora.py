@@ -162,7 +162,7 @@ def test_loha_lokr_locon_diff_formulas():
 def test_lycoris_file_merges_and_restores_exactly(sd1):
     """A LoHa + LoKr + diff file on the UNet and the text encoder: weights change by the formula, and restoring
     (also after a packed conv was used) gives the base weights bit for bit."""
-    from latentgen.loading.weights import prepack_convs
+    from latentgen.loading.weights import prepack
 
     bundle = sd1[0]
     g = torch.Generator().manual_seed(4)
@@ -183,7 +183,7 @@ def test_lycoris_file_merges_and_restores_exactly(sd1):
     }
     base = {k: v.clone() for k, v in [("q", q.weight), ("conv", conv.weight), ("te", te.weight), ("b", te.bias)]}
     st = Settings(steps=2, sampler="euler", karras=False, cfg=3.0)
-    prepack_convs(bundle.unet)
+    prepack(bundle.unet)
     try:
         before = pipelines.txt2img(bundle, ["x"], [""], [1], 16, 16, st)
         merged = Merged()
@@ -201,9 +201,9 @@ def test_lycoris_file_merges_and_restores_exactly(sd1):
         assert torch.equal(pipelines.txt2img(bundle, ["x"], [""], [1], 16, 16, st), before)
     finally:
         for m in bundle.unet.modules():
-            if type(m).__name__ == "PackedConv2d":
+            if type(m).__name__ in ("PackedConv2d", "PackedLinear"):
                 w = m.weight.detach().clone()
-                m.__class__ = torch.nn.Conv2d
+                m.__class__ = type(m).__mro__[2]
                 m._parameters["weight"] = torch.nn.Parameter(w, requires_grad=False)
                 m.__dict__.pop("packed", None)
 

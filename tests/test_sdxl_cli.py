@@ -29,7 +29,7 @@ from latentgen.cli.app import app
 from latentgen.cli.session import Session
 from latentgen.images import read_png_text, to_pil
 from latentgen.loading.bundle import load_model
-from latentgen.loading.weights import prepack_convs
+from latentgen.loading.weights import prepack
 from latentgen.pipelines import Settings
 
 pytestmark = [
@@ -69,7 +69,7 @@ def packed(path):
     """The bundle as the CLI runs it on the CPU in fp32 (convolutions prepacked), for bit-exact comparisons."""
     bundle = load_model(path)
     for m in (bundle.unet, bundle.first_stage):
-        prepack_convs(m)
+        prepack(m)
     return bundle
 
 

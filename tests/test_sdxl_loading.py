@@ -98,7 +98,8 @@ def test_mixed_parts_are_refused(tmp_path):
 
 def test_fp16_file_low_memory_equals_full_weights(tmp_path):
     """An fp16 SDXL file computed in fp32 on the CPU: kept as stored and upcast on use (--low-memory) gives the
-    same image as upcast at load (--full-weights)."""
+    same image as upcast at load (--full-weights), to float32 rounding (oneDNN's matmul and the small convolutions
+    as one matrix product against F.linear and F.conv2d)."""
     from latentgen import pipelines
 
     sd = load_file(str(BASE))
@@ -109,4 +110,4 @@ def test_fp16_file_low_memory_equals_full_weights(tmp_path):
     assert any(p.dtype == torch.float16 for p in low.unet.parameters())
     a = pipelines.txt2img(low, ["a cube"], [""], [4], 64, 64, st)
     b = pipelines.txt2img(full, ["a cube"], [""], [4], 64, 64, st)
-    assert torch.equal(a, b)
+    torch.testing.assert_close(a, b, rtol=0, atol=2e-5)

@@ -381,7 +381,7 @@ def test_cli_superres_x4(x4, tmp_path, monkeypatch):
     from PIL import Image
 
     from latentgen.images import read_png_text, to_pil
-    from latentgen.loading.weights import prepack_convs
+    from latentgen.loading.weights import prepack
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
@@ -412,7 +412,7 @@ def test_cli_superres_x4(x4, tmp_path, monkeypatch):
     assert up.shape == (64, 64, 3)
     b = load_model(str(x4[0]))
     for m in (b.unet, b.first_stage):  # as the CLI does for fp32 on CPU
-        prepack_convs(m)
+        prepack(m)
     x = torch.from_numpy(np.asarray(Image.open(low).convert("RGB")) / 255.0).float().permute(2, 0, 1)[None]
     ref = pipelines.superres(b, x, [5], Settings(steps=2, cfg=9.0), prompts=["a boat"], negatives=[NEG], noise_level=20)
     assert np.array_equal(up, np.asarray(to_pil(ref[0])))

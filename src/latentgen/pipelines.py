@@ -33,6 +33,7 @@ from .denoiser import (
 from .errors import ConfigError, InputError
 from .loading.bundle import ModelBundle, make_low_scale_schedule
 from .loading.mapped_pages import drop_mapped_pages
+from .loading.weights import free_scratch
 from .memory import check_fits, upcast_working_set
 from .noise import make_generator, slerp
 from .samplers import get_sampler, randn
@@ -485,6 +486,7 @@ def decode(bundle: ModelBundle, z: torch.Tensor, tile: int | None = None) -> tor
     """Scaled latent → image in [0, 1] (as diffusers: (x/2 + 0.5).clamp(0, 1))."""
     if z.device.type == "cpu":
         drop_mapped_pages(bundle.path)  # the UNet's weights, where memory-mapped (--low-memory)
+        free_scratch()  # and the buffer its layers upcast their weights into
         release_free_memory()
     with torch.no_grad(), upcast_vae(bundle):
         img = decode_latents(bundle.first_stage, z / bundle.config.scale_factor, tile=tile)

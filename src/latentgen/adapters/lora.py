@@ -23,7 +23,7 @@ The scale is applied once, as in the LyCORIS forward pass and A1111 (LyCORIS' ow
 
 Merging: for each layer the base weight Parameter is set aside and replaced by base + Σ multiplier·ΔW computed in
 float32 and stored in the weight's own dtype. Restoring puts the base Parameter back, so the model is bit for bit
-what it was. Weights packed for oneDNN (``PackedConv2d``) and weights upcast on use are handled alike.
+what it was. Weights packed for oneDNN (``PackedConv2d``, ``PackedLinear``) and weights upcast on use are handled alike.
 """
 
 from __future__ import annotations
@@ -338,7 +338,7 @@ class Merged:
             holder, name = _holder(module, param)
             if isinstance(kept, nn.Parameter):
                 holder._parameters[name] = kept
-            else:  # a PackedConv2d's packed weight: drop the dense merged weight, keep the packed one
+            else:  # a packed layer's packed weight: drop the dense merged weight, keep the packed one
                 holder._parameters.pop(name, None)
                 module.packed = kept
         self.saved.clear()
@@ -362,7 +362,7 @@ class Merged:
                 if name in holder._parameters:
                     base = holder._parameters[name]
                     self.saved[ident] = (module, param, base)
-                else:  # PackedConv2d after its first call
+                else:  # a packed layer after its first call
                     base = module.weight
                     self.saved[ident] = (module, param, module.packed)
                     del module.packed

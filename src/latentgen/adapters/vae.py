@@ -60,7 +60,7 @@ def override_vae(bundle, path: str | Path) -> None:
     from latentgen.denoiser import network_dtype
     from latentgen.loading.bundle import empty_weights
     from latentgen.loading.layout import load_strict
-    from latentgen.loading.weights import PackedConv2d, prepack_convs
+    from latentgen.loading.weights import PackedConv2d, PackedLinear, prepack
 
     old = bundle.first_stage
     sd = read_vae(path)
@@ -69,6 +69,6 @@ def override_vae(bundle, path: str | Path) -> None:
     load_strict(module, sd, what=f"VAE for {bundle.config.name}", source=str(path))
     device, dtype = next(old.parameters()).device, network_dtype(old)
     module.eval().requires_grad_(False).to(device=device, dtype=dtype)
-    if any(isinstance(m, PackedConv2d) for m in old.modules()):
-        prepack_convs(module)
+    if any(isinstance(m, (PackedConv2d, PackedLinear)) for m in old.modules()):
+        prepack(module)
     bundle.first_stage = module

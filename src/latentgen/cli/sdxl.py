@@ -129,7 +129,7 @@ def load_refiner(sess, refiner: Optional[str], refiner_start: Optional[float], l
     from ..loading.bundle import bundle_from_raw, resolve_config
     from ..loading.files import read_checkpoint
     from ..loading.sdxl import variant
-    from ..loading.weights import prepack_convs
+    from ..loading.weights import prepack
     from ..pipelines import is_out_of_memory
 
     path, entry = resolve_model(refiner)
@@ -148,7 +148,7 @@ def load_refiner(sess, refiner: Optional[str], refiner_start: Optional[float], l
         raise ConfigError(no_room_for_refiner(refiner, "loading it ran out of memory")) from None
     if sess.device == "cpu" and sess.dtype == torch.float32:  # as the Session does for the base
         for m in (bundle.unet, bundle.first_stage):
-            prepack_convs(m)
+            prepack(m)
     return bundle, start
 
 

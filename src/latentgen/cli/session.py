@@ -44,7 +44,7 @@ class Session:
         from ..loading.bundle import bundle_from_raw
         from ..loading.files import read_checkpoint
         from ..loading.layout import UNET_PREFIX
-        from ..loading.weights import prepack_convs
+        from ..loading.weights import prepack
 
         self.task, self.quiet, self.as_json, self.overwrite = task, quiet, as_json, overwrite
         self.rank, self.world = int_env("RANK", 0), int_env("WORLD_SIZE", 1)
@@ -86,7 +86,7 @@ class Session:
             note(n, quiet)
         if self.device == "cpu" and self.dtype == torch.float32:  # generation only: never for training
             for m in (self.bundle.unet, self.bundle.first_stage):
-                prepack_convs(m)
+                prepack(m)
         bp = Path(self.bundle.path)
         self.model_path = str(bp.resolve()) if bp.exists() else self.bundle.path
         self.failed = 0
