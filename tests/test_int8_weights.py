@@ -91,7 +91,8 @@ def test_int8_layers_hold_int8_and_compute_with_the_dequantised_weight():
                 h = m(h)
         want = torch.nn.functional.linear(h, plain[3][1][0].float() * plain[3][1][1], head.bias)
         got = head(net(x))
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    # float32 rounding of other kernels (oneDNN's matmul, the small convolutions unfolded), relative to the scale
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
     assert weight_bytes(net) + weight_bytes(head) == before - 3 * n_w + 4 * n_out
     assert net[0].weight.dtype == torch.float32 and head.compute_dtype == torch.float32
 

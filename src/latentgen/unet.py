@@ -671,13 +671,13 @@ class UNetModel(nn.Module):
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
         t_emb = timestep_embedding(timesteps, self.config.model_channels)
-        emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))
+        emb = self.time_embed(t_emb.to(self.time_embed[0].bias.dtype))  # not .weight: packed, it would unpack
         if self.config.num_classes is not None:
             if y is None:
                 what = "the vector y" if self.config.num_classes == "sequential" else "class labels y"
                 raise InputError(f"this UNet is class-conditional (num_classes set): pass {what}")
             if self.config.num_classes == "sequential":
-                y = y.to(self.label_emb[0][0].weight.dtype)
+                y = y.to(self.label_emb[0][0].bias.dtype)
             emb = emb + self.label_emb(y).to(emb.dtype)
         hs = []
         h = x
