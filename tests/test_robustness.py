@@ -523,6 +523,12 @@ ls -A {mnt}
     assert out[-2:] == ["ckpt.safetensors", "fill"]  # no image, no temporary file
 
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C's default disposition. A test run launched in the background by a non-interactive shell
+    inherits SIGINT ignored (POSIX), and the CLI, like any program, leaves an ignored SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _batch(models, out_pattern: str, n: int, extra=()):
     return subprocess.Popen(
         [sys.executable, "-m", "latentgen.cli", "txt2img", "-", "--model", models["sd1"], "--seed", "1"]
@@ -532,6 +538,7 @@ def _batch(models, out_pattern: str, n: int, extra=()):
         stderr=subprocess.PIPE,
         text=True,
         env=_env(),
+        preexec_fn=_default_sigint,
     )
 
 
