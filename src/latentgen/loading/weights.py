@@ -189,7 +189,7 @@ class PackedLinear(_Packed, nn.Linear):
         return F.linear(x, w, self.bias)
 
     def _pack(self, w, x):
-        return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), max(1, x.numel() // max(1, x.shape[-1])))
+        return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), max(1, x.numel() // self.in_features))
 
     def _run(self, x, packed):
         return _onednn_linear(x, packed, self.bias)
