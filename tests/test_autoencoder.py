@@ -204,6 +204,26 @@ def test_bfloat16_runs(cfg):
         assert (out.float() - ref).abs().max().item() <= 0.1 * ref.abs().max().item()
 
 
+@pytest.mark.parametrize("cfg", [KL, VQ_F2_ATTN], ids=["kl", "vq-attn"])
+def test_prepacked_cpu_decoder_runs_channels_last_and_computes_the_same(cfg):
+    """Once prepacked the decoder runs its activations in channels_last on the CPU: the numbers of the plain NCHW
+    run, and a plain NCHW image."""
+    from latentgen.loading.weights import prepack
+
+    model = make(cfg, 5)
+    z = torch.randn(2, model.decoder.conv_in.in_channels, 6, 5)
+    seen = []
+    model.decoder.conv_in.register_forward_hook(lambda m, args, out: seen.append(args[0].stride()))
+    with torch.no_grad():
+        plain = model.decoder(z)
+        prepack(model)
+        assert model.decoder.cpu_channels_last
+        out = model.decoder(z)
+    assert seen == [z.stride(), z.contiguous(memory_format=torch.channels_last).stride()]
+    assert out.is_contiguous() and out.shape == plain.shape
+    assert max_scaled_err(out, plain) <= 2e-5
+
+
 @pytest.mark.parametrize("cls, cfg", [(AutoencoderKL, KL), (VQModel, VQ_F4)])
 def test_strict_load_rejects_bad_state_dicts(cls, cfg):
     good = cls(cfg).state_dict()

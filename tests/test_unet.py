@@ -355,6 +355,39 @@ def test_bfloat16_and_channels_last_run():
     assert (bf.float() - ref).abs().max().item() <= 0.1 * ref.abs().max().item()
 
 
+@pytest.mark.parametrize("params", [SD1, SD2], ids=["sd1", "sd2-linear-proj"])
+def test_cpu_inference_layouts_compute_the_same(monkeypatch, params):
+    """At inference on the CPU the feed-forward runs over row chunks, and once prepacked the UNet runs its
+    activations in channels_last: the numbers of the plain forward (the grad path: no chunks, NCHW), and a plain
+    NCHW output."""
+    import latentgen.unet as unet_module
+    from latentgen.loading.weights import prepack
+
+    model = build(params, seed=5)
+    x, ctx, t = torch.randn(2, 4, 8, 8), torch.randn(2, 3, params["context_dim"]), torch.tensor([500.0, 20.0])
+    with torch.enable_grad():
+        ref = model(x, t, context=ctx).detach()
+    chunks, layouts = [], []
+    ff = next(m for m in model.modules() if isinstance(m, unet_module.FeedForward))
+    ff.net.register_forward_hook(lambda mod, args, out: chunks.append(args[0].shape[0]))
+    model.input_blocks[1][0].in_layers[2].register_forward_hook(
+        lambda mod, args, out: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    # three fp32 projection rows per chunk: the 2 x 8 x 8 rows of the first level end in a short chunk
+    monkeypatch.setattr(unet_module, "FF_CHUNK_BYTES", 3 * 4 * ff.net[0].proj.out_features)
+    with torch.no_grad():
+        plain = model(x, t, context=ctx)
+        assert layouts == [False] and not model.cpu_channels_last
+        chunks.clear()
+        prepack(model)
+        assert model.cpu_channels_last
+        out = model(x, t, context=ctx)
+    assert set(chunks[:-1]) == {3} and 1 <= chunks[-1] <= 3 and sum(chunks) == 2 * 8 * 8
+    assert out.is_contiguous() and out.shape == ref.shape and layouts == [False, True]
+    assert max_scaled_err(plain, ref) <= 1e-5
+    assert max_scaled_err(out, ref) <= 1e-5
+
+
 def test_scalar_timestep_broadcasts():
     model = build(SD1, seed=4)
     x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 24)

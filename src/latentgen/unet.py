@@ -466,18 +466,32 @@ class GEGLU(nn.Module):
         x, gate = self.proj(x).chunk(2, dim=-1)
         if torch.is_grad_enabled():
             return x * F.gelu(gate)
-        return x.mul_(torch._C._nn.gelu_(gate))  # inference: in the projection's own memory (half the peak)
+        return torch.mul(x, torch._C._nn.gelu_(gate))  # inference: the gate in place; a contiguous result
+
+
+FF_CHUNK_BYTES = 2**23  # inference: the GEGLU projection's output per row chunk (fp32: 819 rows of SD 1.5's 2560)
 
 
 class FeedForward(nn.Module):
-    """`net` = [GEGLU, Dropout, Linear], inner width 4 x dim (the original's gated_ff=True)."""
+    """`net` = [GEGLU, Dropout, Linear], inner width 4 x dim (the original's gated_ff=True).
+
+    Inference on the CPU runs it over chunks of rows (each row is independent; the result is the same): the projection's
+    8x-wide output stays a few MiB, in the cache, instead of 84 MB of fresh pages per call at SD 1.5's 64x64
+    level (168 MB at SDXL's). Measured on SD 1.5's 4096-token shape, fp32, 2 cores: 183 ms against 246 ms."""
 
     def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
         super().__init__()
         self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        rows = max(1, FF_CHUNK_BYTES // (self.net[0].proj.out_features * x.element_size()))
+        if torch.is_grad_enabled() or x.device.type != "cpu" or x.numel() // x.shape[-1] <= rows:
+            return self.net(x)
+        flat = x.reshape(-1, x.shape[-1])
+        out = flat.new_empty(flat.shape[0], self.net[2].out_features)
+        for i in range(0, flat.shape[0], rows):
+            out[i : i + rows] = self.net(flat[i : i + rows])
+        return out.view(*x.shape[:-1], -1)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -586,6 +600,8 @@ class TimestepEmbedSequential(nn.Sequential):
 class UNetModel(nn.Module):
     """openaimodel.UNetModel: input_blocks, middle_block, output_blocks with skip connections."""
 
+    cpu_channels_last = False  # see forward
+
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.config = cfg
@@ -666,7 +682,14 @@ class UNetModel(nn.Module):
     ) -> torch.Tensor:
         """Network output (eps or v) for noisy latents x [b, in_channels, h, w] at (possibly fractional)
         timesteps [b] or a scalar, with cross-attention context [b, n, context_dim] and class labels y [b]
-        (or, with num_classes "sequential", the vector [b, adm_in_channels])."""
+        (or, with num_classes "sequential", the vector [b, adm_in_channels]).
+
+        With `cpu_channels_last` (set by `loading.weights.prepack`, once the convolutions run on prepacked weights)
+        the activations run in channels_last on the CPU, and the output comes back plain NCHW. The prepacked
+        convolutions give the same numbers in either layout and skip reordering the activations in this one, and a
+        transformer's tokens [b, h*w, c] are then a free view: with the chunked feed-forward, SD 1.5 at 512², fp32,
+        2 cores, 0.93 of the time (14 rounds, alternating; single convolutions 0.65-1.0). Plain F.conv2d rounds
+        differently in channels_last and was not faster (weights as stored: 1.00), so it stays off there."""
         timesteps = torch.as_tensor(timesteps, device=x.device)
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
@@ -680,7 +703,7 @@ class UNetModel(nn.Module):
                 y = y.to(self.label_emb[0][0].bias.dtype)
             emb = emb + self.label_emb(y).to(emb.dtype)
         hs = []
-        h = x
+        h = x.contiguous(memory_format=torch.channels_last) if self.cpu_channels_last and x.device.type == "cpu" else x
         for block in self.input_blocks:
             h = block(h, emb, context)
             hs.append(h)
@@ -688,4 +711,4 @@ class UNetModel(nn.Module):
         for block in self.output_blocks:
             h = torch.cat([h, hs.pop()], dim=1)
             h = block(h, emb, context, hs[-1].shape[-2:] if hs else None)
-        return self.out(h)
+        return self.out(h).contiguous()

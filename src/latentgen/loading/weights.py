@@ -291,7 +291,8 @@ def prepack(module: nn.Module) -> nn.Module:
     :class:`PackedConv2d` / :class:`PackedLinear`, for generation: never for training, and the module's weights must
     not change afterwards except through a LoRA merge's parameter swap. Packing an upcast weight on each call
     instead was measured 2.6x slower per SD 1.5 UNet step than prepacked full weights (36.6 s vs 13.9 s, 512²,
-    batch 2, one process, alternating)."""
+    batch 2, one process, alternating). Modules with a `cpu_channels_last` flag (UNetModel, Decoder) get it set when
+    their convolutions were packed."""
     if not _packing_works():
         return module
     for m in module.modules():
@@ -301,4 +302,7 @@ def prepack(module: nn.Module) -> nn.Module:
         if cls is PackedConv2d and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
             continue
         m.__class__ = cls
+    for m in module.modules():  # the UNet and the decoder then run their activations in channels_last on the CPU:
+        if hasattr(m, "cpu_channels_last"):  # the same numbers on packed weights, not on F.conv2d's (their forwards)
+            m.cpu_channels_last = any(isinstance(c, PackedConv2d) for c in m.modules())
     return module
