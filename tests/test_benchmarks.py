@@ -122,3 +122,28 @@ def test_gpu_script_parses_and_its_latentgen_imports_resolve():
         mod = importlib.import_module(module)
         for name in (n.strip() for n in names.split(",")):
             assert hasattr(mod, name) or importlib.util.find_spec(f"{module}.{name}"), f"{module}.{name}"
+
+
+def test_in_process_ab_alternates_and_reports_ratios(monkeypatch):
+    """benchmarks/unet_inproc.py: every function once per round, the order reversed each round, medians and ratios
+    to the reference."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("unet_inproc", ROOT / "benchmarks" / "unet_inproc.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    order, clock = [], [0.0]
+    cost = {"fast": 1.0, "ref": 2.0}
+
+    def fn(name):
+        def f():
+            order.append(name)
+            clock[0] += cost[name]
+
+        return f
+
+    monkeypatch.setattr(mod.time, "perf_counter", lambda: clock[0])
+    out = mod.alternate({"fast": fn("fast"), "ref": fn("ref")}, 3, "ref", log=lambda _: None)
+    assert order == ["fast", "ref", "ref", "fast", "fast", "ref"]
+    assert out["wall_s"] == {"fast": 1.0, "ref": 2.0}
+    assert out["ratio_wall"] == {"fast": 0.5, "ref": 1.0} and out["ratio_per_round"]["fast"] == 0.5
