@@ -14,6 +14,7 @@ difference to diffusers'.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -64,18 +65,17 @@ def main() -> None:
     from latentgen.loading.weights import prepack
 
     torch.set_grad_enabled(False)
-    fns = {}
-    for mode in a.modes.split(","):
-        unet = load_model(a.model, device="cpu", dtype=torch.float32, low_memory=mode == "stored").unet
-        fns[f"latentgen {mode}"] = (lambda u: lambda x, t, c: u(x, t, context=c))(prepack(unet))
     df = UNet2DConditionModel.from_pretrained(Path(a.diffusers) / "unet", torch_dtype=torch.float32).eval()
-    fns["diffusers"] = lambda x, t, c: df(x, t, encoder_hidden_states=c).sample
     g = torch.Generator().manual_seed(0)
     s = a.latent
     x, c = torch.randn(2, 4, s, s, generator=g), torch.randn(2, 77, df.config.cross_attention_dim, generator=g)
     t = torch.tensor([500.0, 500.0])
-    outs = {k: f(x, t, c) for k, f in fns.items()}  # warm-up: packs the weights, builds the oneDNN primitives
-    calls = {k: (lambda f: lambda: f(x, t, c))(f) for k, f in fns.items()}
+    calls = {}
+    for mode in a.modes.split(","):
+        unet = prepack(load_model(a.model, device="cpu", dtype=torch.float32, low_memory=mode == "stored").unet)
+        calls[f"latentgen {mode}"] = functools.partial(unet, x, t, context=c)
+    calls["diffusers"] = lambda: df(x, t, encoder_hidden_states=c).sample
+    outs = {k: f() for k, f in calls.items()}  # warm-up: packs the weights, builds the oneDNN primitives
     result = alternate(calls, a.rounds, "diffusers")
     result["max_diff_to_diffusers"] = {k: float((o - outs["diffusers"]).abs().max()) for k, o in outs.items()}
     result["threads"] = torch.get_num_threads()

@@ -85,17 +85,23 @@ def test_bench_dry_run_lists_the_sdcpp_section(tmp_path):
     assert not (tmp_path / "c").exists() and not (tmp_path / "s").exists()
 
 
+def bench_module(name: str):
+    """benchmarks/NAME.py imported as a module (the folder is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_attention_benchmark_kernel_computes_attention(monkeypatch):
     """The blocked kernel the micro-benchmark times is softmax(Q Kᵀ/√d) V: against SDPA and the float64 formula,
     with a ragged last block (≤ 1e-5 relative)."""
-    import importlib.util
-
     import torch
     import torch.nn.functional as F
 
-    spec = importlib.util.spec_from_file_location("attention_bench", ROOT / "benchmarks" / "attention.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = bench_module("attention")
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 300, 40, generator=g) for _ in range(3))
     monkeypatch.setattr(mod, "BLOCK_BYTES", 6 * 64 * 300 * 4)  # 64-query blocks: 300 = 4 x 64 + 44
@@ -127,11 +133,7 @@ def test_gpu_script_parses_and_its_latentgen_imports_resolve():
 def test_in_process_ab_alternates_and_reports_ratios(monkeypatch):
     """benchmarks/unet_inproc.py: every function once per round, the order reversed each round, medians and ratios
     to the reference."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("unet_inproc", ROOT / "benchmarks" / "unet_inproc.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = bench_module("unet_inproc")
     order, clock = [], [0.0]
     cost = {"fast": 1.0, "ref": 2.0}
 
